@@ -1,0 +1,205 @@
+"""The engine loop: draft a tree, verify it with one target forward, walk it, keep the accepted path.
+
+Invariants at the start of every block (seq = prompt + generated so far, n = len(seq)):
+- the target's cache holds seq[:-1]; seq[-1] (the root) is fed with the tree;
+- the draft's cache holds seq[:m] for some m <= n - 1; seq[m:] is fed with the first draft call.
+After the walk both caches are compacted in place to the context plus the accepted path, so
+rejected nodes leave no trace and nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .lm import ModelRunner, Stopwatch
+from .methods import Method, get_method
+from .sampling import sample, to_probs
+from .tree import DraftTree
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    method: str
+    settings: dict
+    target_calls: int = 0
+    draft_calls: int = 0
+    tokens_per_block: list[int] = field(default_factory=list)
+    depth_attempts: list[int] = field(default_factory=list)  # walk reached depth d with proposals
+    depth_accepts: list[int] = field(default_factory=list)  # ... and accepted a child there
+    nodes_per_call: list[int] = field(default_factory=list)  # tree nodes (root included) verified
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    overhead_seconds: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def block_efficiency(self) -> float:
+        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+    @property
+    def acceptance_per_depth(self) -> list[float]:
+        return [a / t if t else float("nan") for a, t in zip(self.depth_accepts, self.depth_attempts)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class _DraftSession:
+    """Runs the batched draft forwards of one block and remembers where each node sits in the cache."""
+
+    def __init__(self, runner: ModelRunner, seq: list[int], tree: DraftTree, vocab: int,
+                 temperature: float, top_p: float | None):
+        self.runner, self.seq, self.tree = runner, seq, tree
+        self.vocab, self.temperature, self.top_p = vocab, temperature, top_p
+        self.base = runner.length  # m: draft cache holds seq[:m]
+        self.pending = len(seq) - self.base  # seq[m:], the root last
+        self.slot: dict[int, int] = {}  # node -> cache index relative to base
+        self.calls = 0
+
+    def __call__(self, nodes: list[int]) -> torch.Tensor:
+        tree, runner, root_pos = self.tree, self.runner, len(self.seq) - 1
+        if not self.slot:
+            if nodes != [0]:
+                raise RuntimeError("the first draft call of a block must be for the root alone: draft([0])")
+            tokens = self.seq[self.base:]
+            positions = list(range(self.base, len(self.seq)))
+            logits = runner.forward(tokens, positions, None)[-1:]
+            self.slot[0] = self.pending - 1
+        else:
+            missing = [n for n in nodes if n in self.slot or tree.parent[n] not in self.slot]
+            if missing:
+                raise RuntimeError(f"draft() got nodes already drafted or whose parent is not drafted: {missing}")
+            past = runner.length
+            attend = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+            attend[:, : self.base + self.pending] = True  # context, pending tokens and the root
+            for i, node in enumerate(nodes):
+                for a in tree.ancestors(node)[1:-1]:
+                    attend[i, self.base + self.slot[a]] = True
+                attend[i, past + i] = True
+            positions = [root_pos + tree.depth[n] for n in nodes]
+            logits = runner.forward([tree.tokens[n] for n in nodes], positions, attend)
+            for i, node in enumerate(nodes):
+                self.slot[node] = past - self.base + i
+        self.calls += 1
+        probs = to_probs(logits[:, : self.vocab], self.temperature, self.top_p)
+        for i, node in enumerate(nodes):
+            tree.draft_probs[node] = probs[i]
+        return probs
+
+    def keep(self, path: list[int]) -> None:
+        drafted = [self.slot[a] for a in path if a in self.slot]
+        self.runner.keep(self.base, list(range(self.pending)) + drafted)
+
+
+def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[int],
+             method: str | Method = "sd", L: int = 3, *, vocab_size: int, temperature: float = 1.0,
+             top_p: float | None = None, max_new_tokens: int = 128, seed: int = 0,
+             eos_token_ids: set[int] | list[int] | None = None, context_length: int | None = None,
+             timing: bool = True, **params) -> GenerationResult:
+    """Generate up to max_new_tokens after prompt_ids with a method; see README for the API."""
+    method = get_method(method) if isinstance(method, str) else method
+    settings = method.settings(L, **params)
+    depth = settings["L"]
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("empty prompt: at least one token (e.g. BOS) is needed")
+    if context_length is not None and len(prompt) + max_new_tokens + depth > context_length:
+        raise PromptTooLongError(
+            f"prompt of {len(prompt)} tokens + max_new_tokens {max_new_tokens} + draft length {depth} "
+            f"exceeds the model context of {context_length} tokens; shorten the prompt (fewer "
+            f"examples' words / a shorter template) or lower max_new_tokens")
+    if method.uses_draft and draft is None:
+        raise ValueError(f"method {method.name!r} needs a draft model; the pair has none")
+    eos = set(eos_token_ids or ())
+    device = target.device
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    capacity = len(prompt) + max_new_tokens + 64
+    runners = [target] + ([draft] if method.uses_draft else [])
+    for r in runners:
+        r.reset(capacity)
+    result = GenerationResult(tokens=[], method=method.name, settings=settings)
+    result.depth_attempts = [0] * depth
+    result.depth_accepts = [0] * depth
+
+    watch = Stopwatch(device, enabled=timing)
+    watch.switch("prefill")
+    if len(prompt) > 1:
+        for r in runners:
+            r.forward(prompt[:-1], list(range(len(prompt) - 1)), None)
+    watch.switch(None)
+    seq = list(prompt)
+    new: list[int] = []
+
+    while len(new) < max_new_tokens:
+        watch.switch("draft")
+        tree = DraftTree(seq[-1])
+        session = None
+        if method.uses_draft:
+            session = _DraftSession(draft, seq, tree, vocab_size, temperature, top_p)
+            method.draft_tree(tree, session, settings, gen)
+            result.draft_calls += session.calls
+
+        watch.switch("verify")
+        root_pos = len(seq) - 1
+        logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], tree.ancestor_mask())
+        result.target_calls += 1
+        result.nodes_per_call.append(len(tree))
+
+        watch.switch("overhead")
+        target_probs = to_probs(logits[:, :vocab_size], temperature, top_p)
+        node, path = 0, []
+        while True:
+            proposals = tree.proposals[node]
+            if not proposals:  # leaf: the bonus token comes from the target
+                last = sample(target_probs[node], gen)
+                break
+            d = tree.depth[node]
+            result.depth_attempts[d] += 1
+            j, last = method.verify_children(target_probs[node], tree.draft_probs[node],
+                                             [tree.tokens[c] for c in proposals], settings, gen)
+            if j is None:
+                break
+            result.depth_accepts[d] += 1
+            node = proposals[j]
+            path.append(node)
+
+        target.keep(root_pos, [0] + path)
+        if session is not None:
+            session.keep(path)
+        emitted = [tree.tokens[a] for a in path] + [int(last)]
+        emitted = emitted[: max_new_tokens - len(new)]
+        hit = next((i for i, t in enumerate(emitted) if t in eos), None)
+        if hit is not None:
+            emitted = emitted[: hit + 1]
+        new += emitted
+        seq += emitted
+        result.tokens_per_block.append(len(emitted))
+        if hit is not None:
+            result.stop_reason = "eos"
+            break
+    else:
+        result.stop_reason = "max_new_tokens"
+    watch.switch(None)
+
+    result.tokens = new
+    t = watch.totals
+    result.prefill_seconds = t.get("prefill", 0.0)
+    result.draft_seconds = t.get("draft", 0.0)
+    result.verify_seconds = t.get("verify", 0.0)
+    result.overhead_seconds = t.get("overhead", 0.0)
+    result.decode_seconds = result.draft_seconds + result.verify_seconds + result.overhead_seconds
+    return result

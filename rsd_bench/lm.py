@@ -1,0 +1,130 @@
+"""The one forward implementation: every method, the AR baseline included, calls models through it.
+
+`ModelRunner` wraps a Hugging Face causal LM (or anything with the same call signature) and a
+`TreeKVCache`. A forward takes new tokens, their explicit position ids and a boolean attention
+pattern over [cached entries + new tokens]; it returns float32 logits. Tree attention is a 4-D
+float mask passed as `attention_mask`, which transformers uses as-is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from .kv_cache import TreeKVCache
+
+
+def _cache_keyword() -> str:
+    # transformers renamed `past_key_values` to `cache` (5.2x); 5.17 only knows the old name.
+    try:
+        from transformers import LlamaForCausalLM
+
+        if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters:
+            return "cache"
+    except Exception:  # pragma: no cover - very old/new layouts
+        pass
+    return "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    fn = getattr(model, "num_parameters", None)
+    if callable(fn):
+        return int(fn())
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_context_length(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ModelRunner:
+    """A model plus its KV cache; `length` is the number of committed cache entries."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None):
+        self.model = model
+        try:
+            param = next(model.parameters())
+            self.device, self.dtype = param.device, param.dtype
+        except StopIteration:
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+        if not torch.is_floating_point(torch.empty((), dtype=self.dtype)):
+            self.dtype = torch.float32
+        self.vocab_size = vocab_size
+        self.cache = TreeKVCache(0)
+        self.calls = 0
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def reset(self, capacity: int) -> None:
+        if self.cache.capacity < capacity:  # reuse the buffers across examples when big enough
+            self.cache = TreeKVCache(capacity)
+        self.cache.reset()
+        self.calls = 0
+
+    @torch.no_grad()
+    def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens through the model; return float32 logits [n, V].
+
+        attend: bool [n, n] (pattern among the new tokens; every cached entry is visible) or
+        bool [n, length + n] (full pattern, for drafts that must hide cached sibling nodes);
+        None means causal.
+        """
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
+        pos = torch.as_tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
+        n, past = ids.shape[1], self.cache.length
+        if attend is None:
+            attend = torch.ones(n, n, dtype=torch.bool).tril_()
+        attend = attend.to(self.device)
+        if attend.shape[1] == n and past:
+            attend = torch.cat([torch.ones(n, past, dtype=torch.bool, device=self.device), attend], 1)
+        mask = torch.zeros(1, 1, n, past + n, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~attend.view(1, 1, n, past + n), torch.finfo(self.dtype).min)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                         **{CACHE_KEYWORD: self.cache})
+        self.cache.commit(n)
+        self.calls += 1
+        logits = out.logits[0]
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        return logits.float()
+
+    def keep(self, start: int, rel_indices: list[int]) -> None:
+        """Keep cache entries [0, start) and start+rel_indices; see TreeKVCache.keep."""
+        self.cache.keep(start, rel_indices)
+
+
+class Stopwatch:
+    """Accumulates GPU-synchronized wall time per phase (draft / verify / overhead)."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.device = device
+        self.enabled = enabled
+        self.totals: dict[str, float] = {}
+        self._phase: str | None = None
+        self._t0 = 0.0
+
+    def switch(self, phase: str | None) -> None:
+        if not self.enabled:
+            return
+        synchronize(self.device)
+        now = time.perf_counter()
+        if self._phase is not None:
+            self.totals[self._phase] = self.totals.get(self._phase, 0.0) + now - self._t0
+        self._phase, self._t0 = phase, now

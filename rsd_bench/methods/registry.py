@@ -1,0 +1,76 @@
+"""The method registry: a method is its parameters plus two functions.
+
+- `draft_tree(tree, draft, settings, gen)`: grow the draft tree. `draft(nodes)` runs ONE batched
+  draft forward over those nodes and returns their draft distributions (float32 [len, V]); it
+  also records them in `tree.draft_probs`. Nodes must be in the tree and their parents drafted.
+- `verify_children(target_p, draft_p, proposals, settings, gen)`: decide at one node. `proposals`
+  are the proposed child tokens in verification order (host ints). Return (j, None) to accept
+  proposal j, or (None, token) when every proposal is rejected and `token` was sampled from the
+  residual. The engine samples the bonus token from the target at nodes without proposals.
+
+Adding a method never touches the engine loop: write the two functions and `register(Method(...))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..tree import DraftTree
+
+DraftFn = Callable[[list[int]], torch.Tensor]
+DraftTreeFn = Callable[[DraftTree, DraftFn, dict, torch.Generator], None]
+VerifyFn = Callable[[torch.Tensor, torch.Tensor, list[int], dict, torch.Generator], tuple]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # legend label, e.g. "RSD-S"
+    draft_tree: DraftTreeFn
+    verify_children: VerifyFn
+    params: dict[str, Any] = field(default_factory=dict)  # parameter -> default
+    # settings -> settings (fill derived values, raise ValueError on bad ones)
+    resolve: Callable[[dict], dict] | None = None
+    # settings -> short label of the method setting, e.g. "K=3"
+    describe: Callable[[dict], str] | None = None
+    uses_draft: bool = True
+
+    def settings(self, L: int, **params) -> dict:
+        """Validated settings: {"L": depth, **parameters} with defaults filled in."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            known = ", ".join(sorted(self.params)) or "none"
+            raise ValueError(f"method {self.name!r} has no parameter(s) {sorted(unknown)}; known: {known}")
+        s = {"L": int(L), **self.params, **{k: v for k, v in params.items() if v is not None}}
+        if self.uses_draft and s["L"] < 1:
+            raise ValueError(f"method {self.name!r} needs draft length L >= 1, got {L}")
+        if not self.uses_draft:
+            s["L"] = 0
+        return self.resolve(s) if self.resolve else s
+
+    def setting_label(self, settings: dict) -> str:
+        return self.describe(settings) if self.describe else ""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method, *, replace: bool = False) -> Method:
+    if method.name in _REGISTRY and not replace:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,58 @@
+"""RSD-C: a tree with constant per-level branching factors b = (b1..bL).
+
+Level l is one batched draft call over all level l-1 nodes; each draws b_l distinct children by
+Gumbel-Top-k (top b_l of log D + Gumbel noise, descending = a without-replacement sample in draw
+order, which is what recursive rejection sampling needs). Tokens the draft gives probability 0
+are never drawn, so a node may get fewer than b_l children.
+"""
+
+import math
+
+from ..sampling import gumbel
+from .recursive_rejection import recursive_rejection
+from .registry import Method, register
+
+
+def branching_from_rule(rule: str, width: int, L: int) -> list[int]:
+    """Derive b from a width: 'first' = (w, 1, ..., 1); 'all' = (w, ..., w)."""
+    if rule == "first":
+        return [width] + [1] * (L - 1)
+    if rule == "all":
+        return [width] * L
+    raise ValueError(f"unknown rsd_c branching_rule {rule!r}; use 'first' or 'all', or give branching")
+
+
+def draft_constant_branching(tree, draft, settings, gen) -> None:
+    frontier = [0]
+    for b in settings["branching"]:
+        probs = draft(frontier)
+        scores = probs.log() + gumbel(gen, probs.shape, probs.device)
+        values, tokens = scores.topk(min(b, probs.shape[-1]), dim=-1)
+        values, tokens = values.tolist(), tokens.tolist()
+        nxt = []
+        for parent, vals, toks in zip(frontier, values, tokens):
+            nxt += [tree.propose(parent, x) for v, x in zip(vals, toks) if v != -math.inf]
+        frontier = nxt
+
+
+def _resolve(s: dict) -> dict:
+    L = s["L"]
+    b = s.get("branching")
+    if b is None or b == "":
+        b = branching_from_rule(s.get("branching_rule") or "first", int(s["width"]), L)
+    elif isinstance(b, str):
+        b = [int(x) for x in b.replace(",", "-").split("-") if x]
+    b = [int(x) for x in b]
+    if len(b) != L:
+        raise ValueError(f"rsd_c branching {b} has {len(b)} levels but the draft length L is {L}")
+    if any(x < 1 for x in b):
+        raise ValueError(f"rsd_c branching factors must be >= 1, got {b}")
+    s["branching"] = b
+    return s
+
+
+RSD_C = register(Method(name="rsd_c", label="RSD-C", draft_tree=draft_constant_branching,
+                        verify_children=recursive_rejection,
+                        params={"branching": None, "branching_rule": "first", "width": 2},
+                        resolve=_resolve,
+                        describe=lambda s: "b=" + "-".join(map(str, s["branching"]))))

@@ -1,0 +1,62 @@
+"""RSD-S: a draft tree from Stochastic Beam Search (Kool et al. 2019) with beam width W.
+
+Each beam item y has phi(y) (sum of draft log-probs) and a Gumbel score G(y) (root: 0, 0).
+Children get G'(x) = phi(y) + log D(x|y) + Gumbel, shifted so their maximum equals G(y); the top
+W over all expansions survive. Within a parent the shift is monotone, so its kept children are a
+prefix of its Gumbel order: a without-replacement sample in draw order, verified by recursive
+rejection sampling. A parent with no surviving child is a leaf (early truncation).
+"""
+
+import math
+
+import torch
+
+from ..sampling import gumbel
+from .recursive_rejection import recursive_rejection
+from .registry import Method, register
+
+
+def shift_gumbel(perturbed: torch.Tensor, target_max: torch.Tensor) -> torch.Tensor:
+    """Shift rows of Gumbel-perturbed scores so each row's maximum becomes target_max.
+
+    Stable form of -log(exp(-T) - exp(-Z) + exp(-G')) (Kool et al. 2019, appendix B).
+    """
+    z = perturbed.max(-1, keepdim=True).values
+    t = target_max.unsqueeze(-1)
+    u = t - perturbed + torch.log1p(-torch.exp(perturbed - z))
+    return t - u.clamp_min(0.0) - torch.log1p(torch.exp(-u.abs()))
+
+
+def draft_stochastic_beam(tree, draft, settings, gen) -> None:
+    width = settings["W"]
+    frontier = [0]
+    phi = torch.zeros(1, dtype=torch.float64)
+    score = torch.zeros(1, dtype=torch.float64)
+    for _ in range(settings["L"]):
+        probs = draft(frontier)
+        dev = probs.device
+        logp = probs.double().log()
+        child_phi = phi.to(dev)[:, None] + logp
+        perturbed = child_phi + gumbel(gen, probs.shape, dev).double()
+        shifted = shift_gumbel(perturbed, score.to(dev))
+        vocab = probs.shape[-1]
+        values, flat = shifted.view(-1).topk(min(width, shifted.numel()))
+        keep = values > -math.inf
+        values, flat = values[keep], flat[keep]
+        new_phi = child_phi.view(-1)[flat].cpu()
+        flat_list = flat.tolist()
+        # global descending order => each parent's children are proposed in their draw order
+        frontier = [tree.propose(frontier[i // vocab], i % vocab) for i in flat_list]
+        phi, score = new_phi, values.cpu()
+
+
+def _resolve(s: dict) -> dict:
+    if int(s["W"]) < 1:
+        raise ValueError(f"rsd_s needs beam width W >= 1, got {s['W']}")
+    s["W"] = int(s["W"])
+    return s
+
+
+RSD_S = register(Method(name="rsd_s", label="RSD-S", draft_tree=draft_stochastic_beam,
+                        verify_children=recursive_rejection, params={"W": 2}, resolve=_resolve,
+                        describe=lambda s: f"W={s['W']}"))
