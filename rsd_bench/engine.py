@@ -62,8 +62,8 @@ class _DraftSession:
     """Runs the batched draft forwards of one block and remembers where each node sits in the cache."""
 
     def __init__(self, runner: ModelRunner, seq: list[int], tree: DraftTree, vocab: int,
-                 temperature: float, top_p: float | None):
-        self.runner, self.seq, self.tree = runner, seq, tree
+                 temperature: float, top_p: float | None, trace=None):
+        self.runner, self.seq, self.tree, self.trace = runner, seq, tree, trace
         self.vocab, self.temperature, self.top_p = vocab, temperature, top_p
         self.base = runner.length  # m: draft cache holds seq[:m]
         self.pending = len(seq) - self.base  # seq[m:], the root last
@@ -95,6 +95,8 @@ class _DraftSession:
             for i, node in enumerate(nodes):
                 self.slot[node] = past - self.base + i
         self.calls += 1
+        if self.trace is not None:
+            self.trace("draft", self.seq, tree, nodes, logits)
         probs = to_probs(logits[:, : self.vocab], self.temperature, self.top_p)
         for i, node in enumerate(nodes):
             tree.draft_probs[node] = probs[i]
@@ -109,8 +111,13 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
              method: str | Method = "sd", L: int = 3, *, vocab_size: int, temperature: float = 1.0,
              top_p: float | None = None, max_new_tokens: int = 128, seed: int = 0,
              eos_token_ids: set[int] | list[int] | None = None, context_length: int | None = None,
-             timing: bool = True, **params) -> GenerationResult:
-    """Generate up to max_new_tokens after prompt_ids with a method; see README for the API."""
+             timing: bool = True, trace=None, **params) -> GenerationResult:
+    """Generate up to max_new_tokens after prompt_ids with a method; see README for the API.
+
+    trace, if given, is called as trace(model, seq, tree, nodes, logits) after every draft and
+    target forward of a block (model "draft" or "target"; seq = context whose last token is the
+    tree root; logits [len(nodes), V] at those nodes). Tests use it to check the cache.
+    """
     method = get_method(method) if isinstance(method, str) else method
     settings = method.settings(L, **params)
     depth = settings["L"]
@@ -149,7 +156,7 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
         tree = DraftTree(seq[-1])
         session = None
         if method.uses_draft:
-            session = _DraftSession(draft, seq, tree, vocab_size, temperature, top_p)
+            session = _DraftSession(draft, seq, tree, vocab_size, temperature, top_p, trace)
             method.draft_tree(tree, session, settings, gen)
             result.draft_calls += session.calls
 
@@ -158,6 +165,8 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
         logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], tree.ancestor_mask())
         result.target_calls += 1
         result.nodes_per_call.append(len(tree))
+        if trace is not None:
+            trace("target", seq, tree, list(range(len(tree))), logits)
 
         watch.switch("overhead")
         target_probs = to_probs(logits[:, :vocab_size], temperature, top_p)
