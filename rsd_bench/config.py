@@ -18,6 +18,8 @@ class PairConfig:
     chat: bool = False  # prompt through the tokenizer's chat template
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
+    fast: str = "auto"  # static cache + CUDA graphs: auto (on GPU) | true | false
+    max_context: int = 2048  # static cache size in the fast mode
     # datasets this pair is evaluated on in multi-dataset sweeps (empty = all); the paper runs
     # base models on WMT and XSum only and chat models on Dolly too
     datasets: List[str] = field(default_factory=list)

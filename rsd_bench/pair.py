@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .engine import GenerationResult, generate
+from .graphed_lm import GraphedRunner
 from .lm import ModelRunner, count_parameters, model_context_length
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -137,6 +138,12 @@ class Pair:
     eos_token_ids: set[int] = field(default_factory=set)
     name: str = ""
 
+    def prepare(self, max_tokens: int = 64) -> None:
+        """Capture the fast runners' CUDA graphs up to max_tokens per call (no-op when eager)."""
+        for runner in (self.target, self.draft):
+            if isinstance(runner, GraphedRunner):
+                runner.capture(max_tokens)
+
     @property
     def device(self) -> torch.device:
         return self.target.device
@@ -168,8 +175,13 @@ class Pair:
 
 
 def load_pair(target: str, draft: str | None = None, *, dtype: str | torch.dtype = "auto",
-              device: str | None = "auto", name: str = "", attn_implementation: str = "sdpa") -> Pair:
-    """Load target and draft (same tokenizer enforced) onto one device."""
+              device: str | None = "auto", name: str = "", attn_implementation: str = "sdpa",
+              fast: bool | str = "auto", max_context: int = 2048) -> Pair:
+    """Load target and draft (same tokenizer enforced) onto one device.
+
+    fast: use GraphedRunner (static cache + CUDA graphs); "auto" = on a GPU. Its cache holds
+    max_context entries (prompt + new tokens + tree + 128 of slack must fit).
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t_model, t_tok = load_model(target, dt, dev, attn_implementation)
@@ -183,9 +195,20 @@ def load_pair(target: str, draft: str | None = None, *, dtype: str | torch.dtype
     if d_model is not None:
         vocab = min(vocab, _vocab_size(d_model))
     contexts = [c for c in (model_context_length(t_model), model_context_length(d_model)) if c]
+    use_fast = (dev.type == "cuda") if fast == "auto" else bool(fast)
+
+    def runner(model):
+        if model is None:
+            return None
+        if use_fast:
+            return GraphedRunner(model, vocab_size=vocab, capacity=max_context)
+        return ModelRunner(model, vocab_size=vocab)
+
+    if use_fast:  # the static cache bounds the usable context
+        contexts.append(max_context - max(GraphedRunner.buckets_default()))
     return Pair(
-        target=ModelRunner(t_model, vocab_size=vocab),
-        draft=ModelRunner(d_model, vocab_size=vocab) if d_model is not None else None,
+        target=runner(t_model),
+        draft=runner(d_model),
         tokenizer=t_tok, target_id=target, draft_id=draft, vocab_size=vocab,
         target_params=count_parameters(t_model),
         draft_params=count_parameters(d_model) if d_model is not None else 0,

@@ -141,7 +141,9 @@ def run_job(cfg, job_num: int = 0) -> Path | None:
     examples = load_examples(dataset_cfg)
     pair = load_pair(pair_cfg.target, pair_cfg.draft if method.uses_draft else None,
                      dtype=pair_cfg.dtype, device=cfg.device, name=pair_cfg.name,
-                     attn_implementation=pair_cfg.attn_implementation)
+                     attn_implementation=pair_cfg.attn_implementation,
+                     fast=_fast_flag(pair_cfg.fast), max_context=pair_cfg.max_context)
+    pair.prepare(64)  # capture CUDA graphs now, outside any timed region
     if method.uses_draft and pair.draft is None:
         raise ValueError(f"pair {pair_cfg.name!r} has no draft; method {method.name!r} needs one (set pair.draft)")
     prompts = [build_prompt(ex, dataset_cfg, pair.tokenizer, pair_cfg.chat) for ex in examples]
@@ -196,6 +198,17 @@ def _row(common, cell: Cell, pair, ex, index, ids, res, metric) -> dict:
         "accuracy": sentence_score(metric, prediction, ex.reference),
         "prediction": prediction, "reference": ex.reference,
     }
+
+
+def _fast_flag(value) -> bool | str:
+    text = str(value).lower()
+    if text in ("auto", ""):
+        return "auto"
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"pair.fast must be auto, true or false, got {value!r}")
 
 
 def _transformers_version() -> str:

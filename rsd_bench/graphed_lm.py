@@ -1,0 +1,207 @@
+"""The fast execution mode: a static KV cache and CUDA graphs over a few padded sizes.
+
+Eager Hugging Face forwards on a GPU spend most of their wall clock launching kernels. Here every
+forward of n new tokens is padded to a bucket size B (1, 2, 4, ..., 128), attends over the whole
+preallocated cache with a 4-D mask that hides unused and rejected entries, and writes its keys
+and values by index_copy_ at positions given in a device buffer. With fixed shapes and fixed
+buffer addresses, each bucket's forward is captured once as a CUDA graph and replayed.
+
+It computes the same function as ModelRunner: padded rows only attend to themselves (so they stay
+finite and never reach a real row), masked cache entries get zero attention weight, and the
+buffers start zeroed so no NaN can leak through a zero weight. On the CPU the same static path
+runs without graphs, which is how the tests check it against the eager path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .lm import CACHE_KEYWORD
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class StaticTreeCache(Cache):
+    """All layers' keys and values in one zeroed buffer [layers, 2, 1, kv_heads, capacity, head_dim]."""
+
+    is_compileable = True
+
+    def __init__(self, capacity: int, device: torch.device):
+        super().__init__(layer_class_to_replicate=DynamicLayer)
+        self.capacity = capacity
+        self.kv: torch.Tensor | None = None
+        self.num_layers = 0
+        self.write_pos = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.n = 0  # tokens in the call in flight (padded size)
+
+    def allocate(self, layers: int, kv_heads: int, head_dim: int, dtype, device) -> None:
+        self.num_layers = layers
+        self.kv = torch.zeros(layers, 2, 1, kv_heads, self.capacity, head_dim, dtype=dtype, device=device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        idx = self.write_pos[: key_states.shape[-2]]
+        keys, values = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+        keys.index_copy_(2, idx, key_states)
+        values.index_copy_(2, idx, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.capacity, 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+
+def _kv_shape(model) -> tuple[int, int, int]:
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", cfg)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+class GraphedRunner:
+    """Drop-in replacement for ModelRunner with a static cache; CUDA graphs when on a GPU."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None, capacity: int = 2048,
+                 use_graphs: bool | None = None, buckets: tuple[int, ...] = BUCKETS):
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = vocab_size
+        self.capacity = capacity
+        self.buckets = buckets
+        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        self.cache = StaticTreeCache(capacity, self.device)
+        self.cache.allocate(*_kv_shape(model), self.dtype, self.device)
+        self.length = 0
+        self.calls = 0
+        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, pos, mask, logits)
+        self._neg = torch.finfo(self.dtype).min
+
+    @staticmethod
+    def buckets_default() -> tuple[int, ...]:
+        return BUCKETS
+
+    # -- the ModelRunner interface -------------------------------------------------------------
+    def reset(self, capacity: int) -> None:
+        # slack of one largest bucket: padded rows and lazy graph warm-ups write past the end
+        if capacity + max(self.buckets) > self.capacity:
+            raise ValueError(f"this example needs {capacity} cache entries but the fast runner was "
+                             f"built with capacity {self.capacity}; raise `capacity` (pair.max_context)")
+        self.length = 0
+        self.calls = 0
+
+    def _bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def _host_mask(self, n: int, rows: int, attend: torch.Tensor | None) -> torch.Tensor:
+        """[rows, capacity] bool: real rows per `attend`, padded rows see only themselves."""
+        past = self.length
+        allowed = torch.zeros(rows, self.capacity, dtype=torch.bool)
+        if attend is None:
+            attend = torch.ones(n, n, dtype=torch.bool).tril_()
+        attend = attend.cpu()
+        if attend.shape[1] == n:
+            allowed[:n, :past] = True
+            allowed[:n, past : past + n] = attend
+        else:
+            allowed[:n, : past + n] = attend
+        pad = torch.arange(n, rows)
+        allowed[pad, past + pad] = True
+        return allowed
+
+    @torch.no_grad()
+    def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = torch.as_tensor(tokens, dtype=torch.long).view(-1)
+        positions = torch.as_tensor(positions, dtype=torch.long).view(-1)
+        n = tokens.numel()
+        bucket = self._bucket(n)
+        rows = bucket if bucket is not None else n
+        if self.length + rows > self.capacity:
+            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {rows}); "
+                               "raise the fast runner's capacity")
+        allowed = self._host_mask(n, rows, attend)
+        mask = torch.zeros(rows, self.capacity, dtype=self.dtype)
+        mask.masked_fill_(~allowed, self._neg)
+        ids = torch.zeros(rows, dtype=torch.long)
+        ids[:n] = tokens
+        pos = torch.zeros(rows, dtype=torch.long)
+        pos[:n] = positions
+        write = torch.arange(self.length, self.length + rows)
+        if self.use_graphs and bucket is not None:
+            logits = self._replay(bucket, ids, pos, mask, write)
+        else:
+            self.cache.write_pos[:rows].copy_(write)
+            out = self.model(input_ids=ids.view(1, -1).to(self.device),
+                             position_ids=pos.view(1, -1).to(self.device),
+                             attention_mask=mask.view(1, 1, rows, -1).to(self.device),
+                             use_cache=True, **{CACHE_KEYWORD: self.cache})
+            logits = out.logits[0]
+        self.length += n
+        self.calls += 1
+        logits = logits[:n]
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        return logits.float()
+
+    @torch.no_grad()
+    def keep(self, start: int, rel_indices: list[int]) -> None:
+        n = len(rel_indices)
+        if n and list(rel_indices) != list(range(n)):
+            src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
+            kv = self.cache.kv
+            kv[:, :, :, :, start : start + n] = kv.index_select(4, src)
+        self.length = start + n
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
+    def _replay(self, bucket: int, ids, pos, mask, write) -> torch.Tensor:
+        if bucket not in self._graphs:
+            self._capture(bucket)
+        graph, ids_buf, pos_buf, mask_buf, logits = self._graphs[bucket]
+        ids_buf.copy_(ids.view(1, -1), non_blocking=True)
+        pos_buf.copy_(pos.view(1, -1), non_blocking=True)
+        mask_buf.copy_(mask.view(1, 1, bucket, -1), non_blocking=True)
+        self.cache.write_pos[:bucket].copy_(write, non_blocking=True)
+        graph.replay()
+        return logits[0]
+
+    def _capture(self, bucket: int) -> None:
+        dev = self.device
+        ids_buf = torch.zeros(1, bucket, dtype=torch.long, device=dev)
+        pos_buf = torch.zeros(1, bucket, dtype=torch.long, device=dev)
+        mask_buf = torch.zeros(1, 1, bucket, self.capacity, dtype=self.dtype, device=dev)
+        # warm-up writes must land in entries nobody reads: the last `bucket` slots
+        self.cache.write_pos[:bucket].copy_(torch.arange(self.capacity - bucket, self.capacity))
+        kwargs = dict(input_ids=ids_buf, position_ids=pos_buf, attention_mask=mask_buf,
+                      use_cache=True, **{CACHE_KEYWORD: self.cache})
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                self.model(**kwargs)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            out = self.model(**kwargs)
+        self._graphs[bucket] = (graph, ids_buf, pos_buf, mask_buf, out.logits)
+        self.cache.kv[:, :, :, :, self.capacity - bucket :].zero_()
+
+    def capture(self, max_tokens: int) -> None:
+        """Capture every bucket up to max_tokens now, so no capture happens while timing."""
+        if not self.use_graphs:
+            return
+        for b in self.buckets:
+            if b not in self._graphs:
+                self._capture(b)
+            if b >= max_tokens:
+                break
