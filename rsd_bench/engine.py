@@ -131,6 +131,9 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             f"examples' words / a shorter template) or lower max_new_tokens")
     if method.uses_draft and draft is None:
         raise ValueError(f"method {method.name!r} needs a draft model; the pair has none")
+    if method.uses_draft and draft is target:
+        raise ValueError("target and draft must be separate runners (each owns a KV cache); "
+                         "wrap the model twice to draft with the target itself")
     eos = set(eos_token_ids or ())
     device = target.device
     gen = torch.Generator(device=device).manual_seed(int(seed))
@@ -152,10 +155,10 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
     new: list[int] = []
 
     while len(new) < max_new_tokens:
-        watch.switch("draft")
         tree = DraftTree(seq[-1])
         session = None
         if method.uses_draft:
+            watch.switch("draft")
             session = _DraftSession(draft, seq, tree, vocab_size, temperature, top_p, trace)
             method.draft_tree(tree, session, settings, gen)
             result.draft_calls += session.calls

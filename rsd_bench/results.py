@@ -61,7 +61,7 @@ EXAMPLE_COLUMNS: dict[str, str] = {
     "L": "draft length = tree depth = sequential draft calls per block (int; 0 for ar)",
     "K": "number of independent draft chains for spectr (int or null)",
     "branching": "rsd_c branching factors per level, e.g. '2-2-1' (str or null)",
-    "width": "rsd_s beam width W (int or null)",
+    "width": "rsd_s beam width W, or the width of rsd_c's branching rule (int or null)",
     "setting": "method setting label, e.g. 'K=3', 'b=2-2-1', 'W=4'; '' for sd/ar",
     "temperature": "sampling temperature (float)",
     "top_p": "top-p (nucleus) threshold (float or null)",
@@ -97,6 +97,7 @@ EXAMPLE_COLUMNS: dict[str, str] = {
     "token_rate": "new_tokens / decode_seconds (tokens/s)",
     "accuracy": "sentence-level task score of the prediction, 0-100",
     "prediction": "decoded generation (str)",
+    "job_num": "Hydra job number that produced the row (orders the grid's rows as the sweep ran)",
     "reference": "reference output (str)",
 }
 
@@ -150,7 +151,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
         "rsd_bench_version", "git_commit", "accuracy_metric", "example_id", "tokens_per_block",
         "depth_attempts", "depth_accepts", "prediction", "reference")},
     **{c: _INT for c in (
-        "L", "K", "width", "seed", "max_new_tokens", "target_params", "draft_params",
+        "L", "K", "width", "seed", "max_new_tokens", "job_num", "target_params", "draft_params",
         "example_index", "prompt_tokens", "new_tokens", "target_calls", "draft_calls")},
     **{c: _FLOAT for c in (
         "temperature", "top_p", "decode_seconds", "prefill_seconds", "draft_seconds",

@@ -99,7 +99,7 @@ def make_cell(pair, dataset, method, L, setting, sweep="fixed_length"):
             nodes_per_call=nodes, block_efficiency=new / calls,
             mbsu=(new / calls) / (1 + (0 if method == "ar" else dp / tp) * L),
             token_rate=new / secs, accuracy=100.0 if exact else 0.0,
-            prediction=REFS[i] if exact else "", reference=REFS[i],
+            prediction=REFS[i] if exact else "", reference=REFS[i], job_num=0,
         ))
     return rows
 
