@@ -13,7 +13,7 @@ from .datasets import DatasetConfig
 @dataclass
 class PairConfig:
     name: str = "embedded"
-    target: str = "random-llama:layers=2,hidden=64,seed=0"  # hub id, local dir, "smollm2", ...
+    target: str = "random-llama:layers-2:hidden-64:seed-0"  # hub id, local dir, "smollm2", ...
     draft: Optional[str] = None
     chat: bool = False  # prompt through the tokenizer's chat template
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU

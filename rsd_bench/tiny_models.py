@@ -1,10 +1,13 @@
 """Tiny random models and a byte tokenizer, built in code: the offline stand-ins that test the plumbing.
 
-A spec string names one: "random-llama" or "random-llama:layers=2,hidden=64,seed=1". Two specs that
-differ only in size/seed share the byte tokenizer, so they form a valid (target, draft) pair.
+A spec string names one: "random-llama" or "random-llama:layers-2:hidden-64:seed-1" (the form that
+needs no quoting in Hydra overrides; "layers=2,hidden=64" works too). Two specs that differ only
+in size/seed share the byte tokenizer, so they form a valid (target, draft) pair.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -40,8 +43,8 @@ def parse_spec(spec: str) -> dict:
     if name != "random-llama":
         raise ValueError(f"not a random model spec: {spec!r}")
     out = {"layers": 2, "hidden": 64, "heads": 4, "seed": 0, "context": 2048}
-    for item in filter(None, args.split(",")):
-        key, _, value = item.partition("=")
+    for item in filter(None, re.split(r"[:,]", args)):
+        key, _, value = item.replace("=", "-").partition("-")
         if key not in out:
             raise ValueError(f"unknown key {key!r} in {spec!r}; known: {', '.join(out)}")
         out[key] = int(value)
