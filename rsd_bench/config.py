@@ -54,6 +54,9 @@ class RunConfig:
     experiment: str = "default"  # results go to runs/<experiment>
     L: Any = field(default_factory=lambda: [2, 3, 4, 5])  # draft lengths (int or list)
     grid_limit: Optional[int] = None  # use only the first N values of each settings list
+    # per-method settings that replace the method config's, e.g. {rsd_s: {W: [2, 4]}}; lets one
+    # multirun over several methods give each its own grid
+    grids: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     temperature: float = 1.0
     top_p: Optional[float] = None
     seed: int = 0

@@ -205,7 +205,9 @@ def load_pair(target: str, draft: str | None = None, *, dtype: str | torch.dtype
         return ModelRunner(model, vocab_size=vocab)
 
     if use_fast:  # the static cache bounds the usable context
-        contexts.append(max_context - max(GraphedRunner.buckets_default()))
+        # the engine sizes its cache as prompt + new tokens + 64, and GraphedRunner keeps one
+        # largest bucket of slack on top (see GraphedRunner.reset)
+        contexts.append(max_context - 64 - max(GraphedRunner.buckets_default()))
     return Pair(
         target=runner(t_model),
         draft=runner(d_model),

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,15 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def method_grid(method: Method, method_cfg, grid_limit: int | None = None) -> list[dict]:
-    """Parameter dicts to run: a list value sweeps that parameter (branching: a list of lists)."""
+def method_grid(method: Method, method_cfg, grid_limit: int | None = None,
+                overrides: dict | None = None) -> list[dict]:
+    """Parameter dicts to run: a list value sweeps that parameter (branching: a list of lists).
+
+    overrides (the run config's `grids[method]`) replace the method config's values.
+    """
     given = {k: _plain(method_cfg.get(k)) for k in METHOD_FIELDS}
     given.update({k: _plain(v) for k, v in (method_cfg.get("params") or {}).items()})
+    given.update({k: _plain(v) for k, v in (overrides or {}).items()})
     foreign = sorted(k for k, v in given.items() if v is not None and k not in method.params)
     if foreign:
         raise ValueError(f"method {method.name!r} has no parameter(s) {foreign}; its parameters: "
@@ -78,7 +84,8 @@ def plan_cells(cfg, method: Method, device_name: str) -> list[Cell]:
     base["pair"].pop("note", None)
     cells = []
     for L in lengths:
-        for params in method_grid(method, cfg.method, cfg.grid_limit):
+        overrides = (cfg.get("grids") or {}).get(method.name)
+        for params in method_grid(method, cfg.method, cfg.grid_limit, overrides):
             try:
                 settings = method.settings(int(L), **params)
             except ValueError as err:
@@ -90,6 +97,8 @@ def plan_cells(cfg, method: Method, device_name: str) -> list[Cell]:
 
 
 def git_commit() -> str:
+    if os.environ.get("RSD_BENCH_GIT_COMMIT"):  # copies of the tree without .git (GPU machines)
+        return os.environ["RSD_BENCH_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -143,7 +152,8 @@ def run_job(cfg, job_num: int = 0) -> Path | None:
                      dtype=pair_cfg.dtype, device=cfg.device, name=pair_cfg.name,
                      attn_implementation=pair_cfg.attn_implementation,
                      fast=_fast_flag(pair_cfg.fast), max_context=pair_cfg.max_context)
-    pair.prepare(64)  # capture CUDA graphs now, outside any timed region
+    # capture the fast mode's CUDA graphs now, outside any timed region
+    pair.prepare(max(method.max_nodes(c.settings) if method.max_nodes else 64 for c in todo))
     if method.uses_draft and pair.draft is None:
         raise ValueError(f"pair {pair_cfg.name!r} has no draft; method {method.name!r} needs one (set pair.draft)")
     prompts = [build_prompt(ex, dataset_cfg, pair.tokenizer, pair_cfg.chat) for ex in examples]

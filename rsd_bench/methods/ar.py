@@ -9,4 +9,5 @@ def draft_nothing(tree, draft, settings, gen) -> None:
 
 
 AR = register(Method(name="ar", label="AR", draft_tree=draft_nothing,
-                     verify_children=recursive_rejection, uses_draft=False))
+                     verify_children=recursive_rejection, uses_draft=False,
+                     max_nodes=lambda s: 1))

@@ -37,6 +37,8 @@ class Method:
     # settings -> short label of the method setting, e.g. "K=3"
     describe: Callable[[dict], str] | None = None
     uses_draft: bool = True
+    # settings -> most tree nodes (root included) of one block; sizes the fast mode's graphs
+    max_nodes: Callable[[dict], int] | None = None
 
     def settings(self, L: int, **params) -> dict:
         """Validated settings: {"L": depth, **parameters} with defaults filled in."""

@@ -55,4 +55,6 @@ RSD_C = register(Method(name="rsd_c", label="RSD-C", draft_tree=draft_constant_b
                         verify_children=recursive_rejection,
                         params={"branching": None, "branching_rule": "first", "width": 2},
                         resolve=_resolve,
-                        describe=lambda s: "b=" + "-".join(map(str, s["branching"]))))
+                        describe=lambda s: "b=" + "-".join(map(str, s["branching"])),
+                        max_nodes=lambda s: 1 + sum(math.prod(s["branching"][: i + 1])
+                                                    for i in range(len(s["branching"])))))
