@@ -24,6 +24,7 @@ def summarize(results_dir: Path, plot_cfg=None) -> Path | None:
     rows_df, cells = collect(results_dir)
     order = _sweep_order(rows_df)
     shown = [c for c in SUMMARY_COLUMNS if c in cells]
+    cells = _sorted_for_display(cells, order)
     print("\n" + cells[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     if plot_cfg is not None and not plot_cfg.enabled:
         return None
@@ -36,6 +37,18 @@ def summarize(results_dir: Path, plot_cfg=None) -> Path | None:
     print("results:", results_dir / "results.parquet", "| cells:", results_dir / "cells.csv",
           "| grid:", ", ".join(str(p) for p in paths))
     return paths[0] if paths else None
+
+
+METHOD_ORDER = ["ar", "sd", "spectr", "rsd_c", "rsd_s"]
+
+
+def _sorted_for_display(cells, order):
+    rows = {key: i for i, key in enumerate(order or [])}
+    row_rank = [rows.get((p, d), len(rows)) for p, d in zip(cells["pair"], cells["dataset"])]
+    method_rank = [METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER) for m in cells["method"]]
+    return (cells.assign(_row=row_rank, _method=method_rank)
+            .sort_values(["_row", "pair", "dataset", "_method", "method", "L", "setting"], kind="stable")
+            .drop(columns=["_row", "_method"]))
 
 
 def _sweep_order(rows_df) -> list[tuple[str, str]] | None:
