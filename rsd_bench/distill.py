@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import to_dtype
 from .trimmed_vocab import TrimmedVocabLM, load_draft, save_trimmed
 
 __all__ = [
@@ -226,16 +227,6 @@ def _resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available")
     return dev
-
-
-def _torch_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(str(name), str(name))
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return value
 
 
 def _autocast(device: torch.device):
@@ -734,7 +725,7 @@ def distill(target, out, tokenizer=None, **options) -> dict:
     gen_cpu = torch.Generator().manual_seed(cfg.seed)
 
     with timer("load_target"):
-        model, tok, target_name = _load_target(target, tokenizer, device, _torch_dtype(cfg.target_dtype))
+        model, tok, target_name = _load_target(target, tokenizer, device, to_dtype(cfg.target_dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     full_vocab = int(model.config.vocab_size)
@@ -799,7 +790,7 @@ def distill(target, out, tokenizer=None, **options) -> dict:
         if trimmed:
             save_trimmed(draft, out, extra={"target": target_name, "step": step}, **save_kw)
         else:
-            dt = _torch_dtype(cfg.save_dtype)
+            dt = to_dtype(cfg.save_dtype)
             sd = {k: (v.detach().to(dt) if v.is_floating_point() else v.detach()) for k, v in inner.state_dict().items()}
             inner.save_pretrained(str(out), state_dict=sd)
 

@@ -17,12 +17,9 @@ from pathlib import Path
 import torch
 
 from .engine import GenerationResult, generate
+from .dtypes import to_dtype
 from .graphed_lm import GraphedRunner
 from .lm import ModelRunner, count_parameters, model_context_length
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 
 class TokenizerMismatchError(ValueError):
     pass
@@ -39,10 +36,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}") from None
+    return to_dtype(dtype)
 
 
 def package_model_dir(name: str) -> Path:

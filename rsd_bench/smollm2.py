@@ -335,24 +335,14 @@ def ensure_converted(
     return out
 
 
-def _torch_dtype(dtype):
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
-
-
 def load_smollm2(dtype="float32", device="cpu", cache_dir: str | os.PathLike | None = None):
     """(model, tokenizer) of SmolLM2-135M-Instruct, converting the packaged GGUF on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .dtypes import to_dtype
+
     d = ensure_converted(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=_torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=to_dtype(dtype))
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(d))
     return model, tok

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dtypes import to_dtype
+
 __all__ = [
     "MARKER",
     "TrimmedVocabLM",
@@ -58,16 +60,6 @@ __all__ = [
 MARKER = "rsd_trimmed_vocab.json"
 FORMAT = "rsd-bench-trimmed-vocab"
 FORMAT_VERSION = 1
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(str(dtype), str(dtype))
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
 
 
 class TrimmedConfigView:
@@ -227,7 +219,7 @@ def save_trimmed(model: TrimmedVocabLM, directory, dtype=None, extra: dict | Non
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     inner = model.inner
-    target_dtype = _torch_dtype(dtype) if dtype is not None else None
+    target_dtype = to_dtype(dtype) if dtype is not None else None
     tied = bool(getattr(inner.config, "tie_word_embeddings", False))
     sd = {}
     seen = {}
@@ -284,7 +276,7 @@ def load_trimmed(directory, dtype="float32", device="cpu") -> TrimmedVocabLM:
     cfg_dict.pop("dtype", None)
     cfg_dict.pop("transformers_version", None)
     config = AutoConfig.for_model(model_type, **cfg_dict)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = to_dtype(dtype)
     inner = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     sd = load_file(str(d / "model.safetensors"))
     missing, unexpected = inner.load_state_dict(sd, strict=False)
@@ -305,5 +297,5 @@ def load_draft(path_or_id, dtype="float32", device="cpu"):
         return load_trimmed(path_or_id, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=_torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=to_dtype(dtype))
     return model.to(device).eval()
