@@ -79,8 +79,5 @@ class TreeKVCache(Cache):
                     buf[:, :, start : start + n] = buf.index_select(2, src)
         self.length = start + n
 
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, length)
-
     def reset(self) -> None:
         self.length = 0

@@ -66,6 +66,21 @@ def _check_nonnegative(a: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} must be finite")
 
 
+def _tokens_per(new_tokens, per, per_name: str, zero_message: str):
+    """new_tokens / per, elementwise; 0/0 and NaN give NaN, tokens over 0 is an error."""
+    n = _to_array(new_tokens, "new_tokens")
+    d = _to_array(per, per_name)
+    _check_nonnegative(n, "new_tokens")
+    _check_nonnegative(d, per_name)
+    n, d = np.broadcast_arrays(n, d)
+    if np.any((d == 0) & (n > 0)):
+        raise ValueError(zero_message)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(d > 0, n / np.where(d > 0, d, 1.0), np.nan)
+    out = np.where(np.isnan(n) | np.isnan(d), np.nan, out)
+    return _wrap(out, new_tokens, per)
+
+
 def block_efficiency(new_tokens, target_calls):
     """Tokens produced per target call: ``new_tokens / target_calls``.
 
@@ -73,17 +88,8 @@ def block_efficiency(new_tokens, target_calls):
     ``0 / 0`` (nothing generated, no call) gives NaN. Raises ValueError for negative inputs or
     for tokens generated with zero target calls.
     """
-    n = _to_array(new_tokens, "new_tokens")
-    c = _to_array(target_calls, "target_calls")
-    _check_nonnegative(n, "new_tokens")
-    _check_nonnegative(c, "target_calls")
-    n, c = np.broadcast_arrays(n, c)
-    if np.any((c == 0) & (n > 0)):
-        raise ValueError("target_calls is 0 while new_tokens > 0: every token needs a target call")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(c > 0, n / np.where(c > 0, c, 1.0), np.nan)
-    out = np.where(np.isnan(n) | np.isnan(c), np.nan, out)
-    return _wrap(out, new_tokens, target_calls)
+    return _tokens_per(new_tokens, target_calls, "target_calls",
+                       "target_calls is 0 while new_tokens > 0: every token needs a target call")
 
 
 def mbsu(block_eff, draft_params, target_params, depth):
@@ -114,14 +120,4 @@ def token_rate(new_tokens, seconds):
 
     ``0 / 0`` gives NaN. Raises ValueError for negative inputs or tokens with zero seconds.
     """
-    n = _to_array(new_tokens, "new_tokens")
-    s = _to_array(seconds, "seconds")
-    _check_nonnegative(n, "new_tokens")
-    _check_nonnegative(s, "seconds")
-    n, s = np.broadcast_arrays(n, s)
-    if np.any((s == 0) & (n > 0)):
-        raise ValueError("seconds is 0 while new_tokens > 0")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(s > 0, n / np.where(s > 0, s, 1.0), np.nan)
-    out = np.where(np.isnan(n) | np.isnan(s), np.nan, out)
-    return _wrap(out, new_tokens, seconds)
+    return _tokens_per(new_tokens, seconds, "seconds", "seconds is 0 while new_tokens > 0")
