@@ -30,7 +30,12 @@ Pipeline (every phase is timed and printed):
      this vocabulary. With the full vocabulary this is plain forward KL(T || D).
    * ``tvd``: 1 - sum_x min(T(x), D(x)) with the UNrenormalised T, i.e. the total-variation
      distance, which is exactly one minus the speculative-decoding acceptance probability.
-   The target's distribution is computed online (target forward under no_grad on the same batch).
+   The target's distribution is kept from sampling time (``--teacher cached``, the default where the
+   logits are head(last hidden state)): its final hidden state and log-normaliser at every sampled
+   position, so a training step costs one draft forward/backward and no target forward. Otherwise
+   (``--teacher online``) it is recomputed each step with a target forward under no_grad.
+   ``--init-layers 0,-1`` starts the draft's layers as copies of those target layers (hidden size and
+   heads must match the target's).
 5. bf16 autocast on CUDA (fp32 master weights), fp32 on CPU; AdamW, linear warm-up + cosine decay;
    checkpoints every ``--save-every`` steps into ``--out`` (each file replaced atomically, so
    ``--out`` always holds a loadable draft); ``--time-budget S`` shrinks the step count after
@@ -75,6 +80,7 @@ __all__ = [
     "select_vocab",
     "build_draft",
     "distill_loss",
+    "distill_loss_from_logp",
     "acceptance_stats",
     "distill",
     "build_parser",
@@ -163,9 +169,11 @@ class DistillConfig:
     intermediate: int | None = None  # default round(8/3 * hidden) to a multiple of 64
     vocab_top: int = 8192  # 0 = full vocabulary
     tie_embeddings: bool = True
+    init_layers: str = ""  # e.g. "0,-1": start the draft's layers as copies of these target layers
     # training
     loss: str = "kl"  # kl | tvd
     prompt_weight: float = 0.0
+    teacher: str = "auto"  # cached: labels kept from sampling (no target forward per step) | online | auto
     steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
@@ -389,19 +397,35 @@ def _assign_prompts(prompts: dict, weights: dict[str, float], n: int, gen: torch
 @torch.no_grad()
 def sample_continuations(model, prompts: list[list[int]], gen_tokens: int, batch_size: int, eos_ids: set[int],
                          pad_id: int, seed: int = 0, device: torch.device | None = None,
-                         vocab_mass: torch.Tensor | None = None, progress: bool = False) -> list[list[int]]:
+                         vocab_mass: torch.Tensor | None = None, progress: bool = False,
+                         teacher: list | None = None) -> list[list[int]]:
     """Sample `gen_tokens` tokens (stopping at an eos token, which is kept) after every prompt.
 
     Temperature 1, no truncation: each token is drawn from softmax(logits). Batches of prompts of
     similar length, left-padded, with a KV cache. If `vocab_mass` (float [V]) is given, the target's
     probability vector at every sampled position is added to it (expected token frequencies).
+
+    If `teacher` is a list, it receives for every prompt (in order) a pair (h [m, d] float32,
+    lse [m] float32): the target's final hidden state and the log-normaliser of its logits at each of
+    the m sampled positions. With them the training labels are log T(x) = h . W_x - lse, exactly the
+    distribution the token was drawn from, so training needs no second target forward (which cost
+    most of each step). Only for models whose logits are head(last_hidden_state) (see `_split_lm`).
     """
     device = device or next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    split = _split_lm(model)
+    if teacher is not None and split is None:
+        raise ValueError("teacher capture needs a model whose logits are head(last_hidden_state)")
     kw = _cache_kwarg(model)
+    if split is not None:
+        base, head = split
+        w_full = head.weight.detach().float()  # logits in float32, identical here and in training
+        if head.bias is not None:
+            raise ValueError("output heads with a bias are not supported")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int] | None] = [None] * len(prompts)
+    teacher_rows: list = [None] * len(prompts)
     eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     it = batches
@@ -423,11 +447,23 @@ def sample_continuations(model, prompts: list[list[int]], gen_tokens: int, batch
         alive = torch.ones(b, dtype=torch.bool, device=device)
         out_tokens = []
         step_ids, step_pos = ids, pos
+        hs, lses = [], []
         for t in range(gen_tokens):
-            with _autocast(device):
-                out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
-                            **{kw: cache}, logits_to_keep=1)
-            probs = torch.softmax(out.logits[:, -1].float(), dim=-1)
+            if split is not None:
+                with _autocast(device):
+                    out = base(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
+                               **{kw: cache})
+                h = out.last_hidden_state[:, -1].float()
+                logits = h @ w_full.T
+            else:
+                with _autocast(device):
+                    out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, use_cache=True,
+                                **{kw: cache}, logits_to_keep=1)
+                logits = out.logits[:, -1].float()
+            if teacher is not None:
+                hs.append(h)
+                lses.append(torch.logsumexp(logits, dim=-1))
+            probs = torch.softmax(logits, dim=-1)
             if vocab_mass is not None:
                 vocab_mass += (probs * alive.unsqueeze(-1)).sum(0).to(vocab_mass.device, vocab_mass.dtype)
             nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
@@ -440,6 +476,8 @@ def sample_continuations(model, prompts: list[list[int]], gen_tokens: int, batch
             step_pos = step_pos[:, -1:] + 1
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], dim=1)
         toks = torch.stack(out_tokens, 1).cpu().tolist()
+        if teacher is not None:
+            h_b, lse_b = torch.stack(hs, 1), torch.stack(lses, 1)  # [b, steps, d], [b, steps]
         for j, i in enumerate(idx):
             seq = []
             for tok in toks[j]:
@@ -447,7 +485,11 @@ def sample_continuations(model, prompts: list[list[int]], gen_tokens: int, batch
                 if tok in eos_ids:
                     break
             results[i] = seq
+            if teacher is not None:
+                teacher_rows[i] = (h_b[j, : len(seq)].clone(), lse_b[j, : len(seq)].clone())
         del cache, out
+    if teacher is not None:
+        teacher.extend(teacher_rows)
     return results  # type: ignore[return-value]
 
 
@@ -516,14 +558,24 @@ def build_draft(cfg: DistillConfig, full_vocab: int, kept_ids: torch.Tensor | No
     max_pos = max_pos if isinstance(max_pos, int) and max_pos > 0 else 4096
     inner_vocab = full_vocab if kept_ids is None else int(kept_ids.numel()) + 1
     special = special or {}
+    # the target's positional encoding and norm epsilon: the draft reads the same token positions,
+    # and copied layers (--init-layers) only work with the rotary base they were trained with
+    same = {}
+    for name in ("rope_parameters", "rope_theta", "rms_norm_eps"):
+        v = getattr(tcfg, name, None) if tcfg is not None else None
+        if isinstance(v, (int, float, dict)) and not isinstance(v, bool):
+            same[name] = dict(v) if isinstance(v, dict) else v
     lc = LlamaConfig(
         vocab_size=inner_vocab, hidden_size=cfg.hidden, intermediate_size=inter,
         num_hidden_layers=cfg.layers, num_attention_heads=heads, num_key_value_heads=kv,
         max_position_embeddings=max_pos, tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=special.get("bos"), eos_token_id=special.get("eos"), pad_token_id=special.get("pad"),
+        **same,
     )
     torch.manual_seed(cfg.seed)
     inner = LlamaForCausalLM(lc)
+    if cfg.init_layers:
+        _copy_target_layers(inner, target, cfg.init_layers)
     # copy the target's embeddings when the sizes match (otherwise random init)
     t_emb = target.get_input_embeddings().weight if target is not None and hasattr(target, "get_input_embeddings") else None
     copied = False
@@ -548,6 +600,40 @@ def build_draft(cfg: DistillConfig, full_vocab: int, kept_ids: torch.Tensor | No
     return TrimmedVocabLM(inner, kept_ids, full_vocab), copied
 
 
+def _copy_target_layers(inner, target, spec: str) -> None:
+    """Initialise the draft's layers (and final norm) from target layers `spec` ("0,-1": first, last).
+
+    Needs the target's hidden size and head layout. A narrower MLP keeps the target's channels
+    with the largest |gate_c| |up_c| |down_c| (a cheap importance proxy); training adapts the rest.
+    """
+    src_layers = getattr(getattr(target, "model", None), "layers", None)
+    if src_layers is None:
+        raise ValueError("--init-layers needs a Llama-like target (model.layers)")
+    idx = [int(x) for x in spec.split(",") if x.strip()]
+    dst_layers = inner.model.layers
+    if len(idx) != len(dst_layers):
+        raise ValueError(f"--init-layers lists {len(idx)} layers but the draft has --layers {len(dst_layers)}")
+    tc, dc = target.config, inner.config
+    for name in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
+        if getattr(tc, name) != getattr(dc, name):
+            raise ValueError(f"--init-layers needs the target's {name} ({getattr(tc, name)}), draft has {getattr(dc, name)}")
+    if dc.intermediate_size > tc.intermediate_size:
+        raise ValueError(f"--intermediate {dc.intermediate_size} exceeds the target's {tc.intermediate_size}")
+    with torch.no_grad():
+        for d_layer, i in zip(dst_layers, idx):
+            s_layer = src_layers[i]
+            for part in ("self_attn", "input_layernorm", "post_attention_layernorm"):
+                getattr(d_layer, part).load_state_dict(
+                    {k: v.float() for k, v in getattr(s_layer, part).state_dict().items()})
+            g, u, dn = s_layer.mlp.gate_proj.weight.float(), s_layer.mlp.up_proj.weight.float(), s_layer.mlp.down_proj.weight.float()
+            score = g.norm(dim=1) * u.norm(dim=1) * dn.norm(dim=0)
+            keep = torch.topk(score, dc.intermediate_size).indices.sort().values
+            d_layer.mlp.gate_proj.weight.copy_(g[keep])
+            d_layer.mlp.up_proj.weight.copy_(u[keep])
+            d_layer.mlp.down_proj.weight.copy_(dn[:, keep])
+        inner.model.norm.load_state_dict({k: v.float() for k, v in target.model.norm.state_dict().items()})
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. loss
 # ------------------------------------------------------------------------------------------------
@@ -563,6 +649,13 @@ def distill_loss(target_logits: torch.Tensor, draft_logits: torch.Tensor, kept_i
     t_logp = torch.log_softmax(target_logits.float(), dim=-1)
     if kept_ids is not None:
         t_logp = t_logp.index_select(-1, kept_ids)
+    return distill_loss_from_logp(t_logp, draft_logits, loss, weights)
+
+
+def distill_loss_from_logp(t_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str = "kl",
+                           weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """`distill_loss` given log T(x) on the kept tokens only ([n, N], NOT renormalised over them)."""
+    t_logp = t_logp.float()
     d_logp = torch.log_softmax(draft_logits.float(), dim=-1)
     t_lse = torch.logsumexp(t_logp, dim=-1, keepdim=True)  # log T(K); 0 for the full vocabulary
     t_p = t_logp.exp()
@@ -742,9 +835,17 @@ def distill(target, out, tokenizer=None, **options) -> dict:
     _log(f"prompts: {json.dumps({s: prompt_info[s] for s in STYLES})}; dropped (too long): {prompt_info['dropped_long']}")
 
     mass = torch.zeros(full_vocab, dtype=torch.float64, device=device)
+    if cfg.teacher not in ("auto", "cached", "online"):
+        raise ValueError(f"--teacher must be auto, cached or online, got {cfg.teacher!r}")
+    cached = cfg.teacher == "cached" or (cfg.teacher == "auto" and _split_lm(model) is not None
+                                         and cfg.prompt_weight == 0)
+    if cached and cfg.prompt_weight > 0:
+        raise ValueError("--prompt-weight > 0 needs --teacher online (cached labels cover continuations only)")
+    teacher: list | None = [] if cached else None
     with timer("generate_train"):
         conts = sample_continuations(model, [p for _, p in pairs], cfg.gen_tokens, cfg.gen_batch_size, eos_ids,
-                                     pad_id, seed=cfg.seed, device=device, vocab_mass=mass, progress=cfg.progress)
+                                     pad_id, seed=cfg.seed, device=device, vocab_mass=mass, progress=cfg.progress,
+                                     teacher=teacher)
     seqs = [(p + c, len(p)) for (_, p), c in zip(pairs, conts)]
     n_gen_tokens = sum(len(c) for c in conts)
     _log(f"sampled {len(seqs)} continuations, {n_gen_tokens} tokens")
@@ -783,6 +884,9 @@ def distill(target, out, tokenizer=None, **options) -> dict:
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
     batcher = _LengthBatcher([len(s[0]) for s in seqs], cfg.batch_size, gen_cpu)
+    if teacher is not None:
+        w_head = _split_lm(model)[1].weight.detach().float()
+        w_label = w_head if kept_dev is None else w_head.index_select(0, kept_dev)
     history, recent = [], []
     save_kw = {"dtype": cfg.save_dtype}
 
@@ -815,17 +919,28 @@ def distill(target, out, tokenizer=None, **options) -> dict:
             if cfg.time_budget > 0 and step == probe_from:
                 _sync(device)
                 t_probe = time.perf_counter()
-            ids, w = _make_batch(seqs, batcher(), pad_id, cfg.prompt_weight, device)
+            batch_idx = batcher()
+            ids, w = _make_batch(seqs, batch_idx, pad_id, cfg.prompt_weight, device)
             sel = w > 0
-            with torch.no_grad(), _autocast(device):
-                t_logits = _selected_logits(model, ids, sel)
+            if teacher is not None:
+                # labels from sampling time; row order = sel's row-major order (continuations only)
+                with torch.no_grad():
+                    t_h = torch.cat([teacher[i][0] for i in batch_idx])
+                    t_lse = torch.cat([teacher[i][1] for i in batch_idx])
+                    t_logp = t_h @ w_label.T - t_lse.unsqueeze(-1)
+            else:
+                with torch.no_grad(), _autocast(device):
+                    t_logits = _selected_logits(model, ids, sel)
             with _autocast(device):
                 d_in = draft.map_inputs(ids) if trimmed else ids
                 h = inner.model(input_ids=d_in, use_cache=False).last_hidden_state
                 d_logits = inner.lm_head(h[sel])
             if trimmed:
                 d_logits = d_logits[:, :n_kept]
-            loss, st = distill_loss(t_logits, d_logits, kept_dev, cfg.loss, w[sel])
+            if teacher is not None:
+                loss, st = distill_loss_from_logp(t_logp, d_logits, cfg.loss, w[sel])
+            else:
+                loss, st = distill_loss(t_logits, d_logits, kept_dev, cfg.loss, w[sel])
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
@@ -912,7 +1027,9 @@ def distill(target, out, tokenizer=None, **options) -> dict:
             "kv_heads": cfg.kv_heads or cfg.heads or _default_heads(cfg.hidden),
             "intermediate": inner.config.intermediate_size, "tie_embeddings": cfg.tie_embeddings,
             "embeddings_init": "copied from target" if copied else "random",
+            "layers_init": f"copied from target layers {cfg.init_layers}" if cfg.init_layers else "random",
         },
+        "teacher": "cached" if teacher is not None else "online",
         "vocab": {"full": full_vocab, "kept": n_kept, "trimmed": trimmed, "kept_mass_train": train_kept_mass,
                   "lost_mass_train": 1.0 - train_kept_mass},
         "loss": cfg.loss,
@@ -985,7 +1102,8 @@ it takes the target's token ids and returns logits over the target's full vocabu
 
 ## Architecture
 Llama, {arch['layers']} layers, hidden {arch['hidden']}, {arch['heads']} heads ({arch['kv_heads']} KV heads),
-MLP {arch['intermediate']}, tied embeddings: {arch['tie_embeddings']}, embeddings initialised: {arch['embeddings_init']}.
+MLP {arch['intermediate']}, tied embeddings: {arch['tie_embeddings']}, embeddings initialised: {arch['embeddings_init']},
+layers initialised: {arch.get('layers_init', 'random')}.
 Vocabulary: {vocab_line}. Parameters: {m['draft_params']:,} ({m['param_ratio']:.4f} of the target's
 {m['target_params']:,}); without embeddings {m['draft_params_non_embedding']:,}. Stored as {cfg.save_dtype},
 {m['size_bytes'] / 1e6:.1f} MB.
@@ -1004,7 +1122,7 @@ Vocabulary: {vocab_line}. Parameters: {m['draft_params']:,} ({m['param_ratio']:.
    {vocab['lost_mass_train']:.4f}.
 4. Loss: {"KL(T_K || D), T_K = target distribution restricted to the kept tokens and renormalised" if cfg.loss == "kl" else "total variation 1 - sum_x min(T(x), D(x)) (one minus the SD acceptance probability)"},
    on the continuation positions (prompt weight {cfg.prompt_weight}); the target's distribution at
-   temperature 1 computed online on the same sequences.
+   temperature 1 {"kept from sampling time (the distribution each token was drawn from)" if m.get("teacher") == "cached" else "computed online on the same sequences"}.
 5. Training: {m['steps']} steps, batch {cfg.batch_size} sequences, AdamW (lr {cfg.lr}, weight decay
    {cfg.weight_decay}), warm-up + cosine schedule, {"bf16 autocast" if "cuda" in m['device'] else "float32"} on {m['device']}.
    Final training loss {final_loss}.
@@ -1062,9 +1180,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--intermediate", type=int, default=d.intermediate, help="default 8/3 * hidden (multiple of 64)")
     g.add_argument("--vocab-top", type=int, default=d.vocab_top, help="kept tokens (0 = full vocabulary)")
     g.add_argument("--untied", dest="tie_embeddings", action="store_false", help="separate output head")
+    g.add_argument("--init-layers", default=d.init_layers,
+                   help="start the draft's layers as copies of these target layers, e.g. '0,-1' (needs the "
+                        "target's hidden size and heads; a narrower MLP keeps the most important channels)")
     g = p.add_argument_group("training")
     g.add_argument("--loss", choices=("kl", "tvd"), default=d.loss)
     g.add_argument("--prompt-weight", type=float, default=d.prompt_weight)
+    g.add_argument("--teacher", choices=("auto", "cached", "online"), default=d.teacher,
+                   help="cached: keep the target's distributions from sampling time (no target forward per "
+                        "training step); online: recompute them each step; auto: cached when possible")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lr", type=float, default=d.lr)

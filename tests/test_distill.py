@@ -233,3 +233,45 @@ def test_cli_help():
     assert r.returncode == 0
     for opt in ("--vocab-top", "--steps", "--loss", "--data-dir", "--skip-first", "--device"):
         assert opt in r.stdout
+
+
+def test_cached_teacher_labels_equal_a_fresh_target_forward(tiny_pair):
+    """The labels kept at sampling time are the target's log-probs at those positions (what the
+    online path recomputes), so the cheaper training loop trains on the same targets."""
+    target, tok = tiny_pair
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]]
+    teacher = []
+    conts = D.sample_continuations(target, prompts, 6, 2, {2}, 3, seed=1, teacher=teacher)
+    head = target.lm_head.weight.float()
+    seqs = [(p + c, len(p)) for p, c in zip(prompts, conts)]
+    ids, w = D._make_batch(seqs, list(range(len(seqs))), 3, 0.0, "cpu")
+    with torch.no_grad():
+        online = torch.log_softmax(D._selected_logits(target, ids, w > 0).float(), -1)
+        h = torch.cat([t[0] for t in teacher])
+        lse = torch.cat([t[1] for t in teacher])
+        cached = h @ head.T - lse[:, None]
+    assert [t[0].shape[0] for t in teacher] == [len(c) for c in conts]
+    assert cached.shape == online.shape
+    assert torch.allclose(cached, online, atol=1e-4), (cached - online).abs().max()
+
+
+def test_init_layers_copies_the_target(tiny_pair):
+    """A draft with all the target's layers, its full MLP and vocabulary IS the target."""
+    target, tok = tiny_pair
+    V = target.config.vocab_size
+    cfg = D.DistillConfig(layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64, vocab_top=0,
+                          tie_embeddings=False, init_layers="0,-1", seed=0)
+    draft, copied = D.build_draft(cfg, V, None, target)
+    assert copied
+    ids = torch.tensor([[1, 5, 9, 17, 0, 60, 2]])
+    with torch.no_grad():
+        assert torch.allclose(draft(input_ids=ids).logits, target(input_ids=ids).logits, atol=1e-5)
+    # a narrower MLP keeps a subset of the target's channels
+    cfg_narrow = D.DistillConfig(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=32, vocab_top=0,
+                                 tie_embeddings=False, init_layers="1", seed=0)
+    narrow, _ = D.build_draft(cfg_narrow, V, None, target)
+    rows = narrow.model.layers[0].mlp.up_proj.weight
+    src = target.model.layers[1].mlp.up_proj.weight
+    assert all(any(torch.equal(r, s) for s in src) for r in rows)
+    with pytest.raises(ValueError, match="hidden_size"):
+        D.build_draft(D.DistillConfig(layers=1, hidden=64, heads=4, init_layers="0"), V, None, target)
