@@ -56,3 +56,26 @@ def test_fast_runner_refuses_examples_beyond_capacity(models):
     runner = GraphedRunner(target, capacity=256)
     with pytest.raises(ValueError, match="capacity"):
         generate(runner, None, list(range(1, 100)), "ar", 0, vocab_size=259, max_new_tokens=64)
+
+
+@pytest.mark.parametrize("method,params", [("sd", {}), ("rsd_s", {"W": 3})], ids=["sd", "rsd_s"])
+def test_eager_attention_variant_matches(models, method, params):
+    """The fast runner may pick the matmul-softmax attention per bucket on a GPU; it must compute
+    the same tokens and logits as the SDPA path (here both without graphs, on CPU)."""
+    import copy
+
+    target, draft = models
+    t2, d2 = copy.deepcopy(target), copy.deepcopy(draft)
+    kw = dict(vocab_size=259, temperature=1.0, max_new_tokens=30, seed=4, **params)
+    got = {}
+    for name, (t, d, att) in {"sdpa": (target, draft, "sdpa"), "eager": (t2, d2, "eager")}.items():
+        logits = []
+        res = generate(GraphedRunner(t, capacity=512, attention=att), GraphedRunner(d, capacity=512, attention=att),
+                       [1, 40, 50, 60], method, 3, trace=lambda m, s, tr, n, out: logits.append(out.clone()), **kw)
+        got[name] = (res, logits)
+    assert t2.config._attn_implementation == "eager" and target.config._attn_implementation == "sdpa"
+    assert got["sdpa"][0].tokens == got["eager"][0].tokens
+    for a, b in zip(got["sdpa"][1], got["eager"][1]):
+        assert (a - b).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="attention"):
+        GraphedRunner(target, capacity=64, attention="flash")
