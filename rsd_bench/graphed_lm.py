@@ -100,6 +100,7 @@ class GraphedRunner:
         self.calls = 0
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, pos, mask, logits)
         self._neg = torch.finfo(self.dtype).min
+        self._rows = torch.arange(capacity, device=self.device)  # row indices for padded rows
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
         if attention not in ("auto", "sdpa", "eager"):
@@ -125,21 +126,30 @@ class GraphedRunner:
     def _bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _host_mask(self, n: int, rows: int, attend: torch.Tensor | None) -> torch.Tensor:
-        """[rows, capacity] bool: real rows per `attend`, padded rows see only themselves."""
-        past = self.length
-        allowed = torch.zeros(rows, self.capacity, dtype=torch.bool)
+    def _mask(self, n: int, rows: int, attend: torch.Tensor | None) -> torch.Tensor:
+        """Additive mask [rows, capacity] built on the model's device: real rows per `attend`,
+        padded rows see only themselves.
+
+        Built where the model runs because a [rows, capacity] tensor on the host crosses PyTorch's
+        CPU parallelism threshold (32768 elements) at 16 rows of a 4096-entry cache: every call then
+        opened an OpenMP parallel region, which cost ~35 ms per forward on the GPU machines (the
+        graph replay itself took ~4 ms). Only the small `attend` block travels to the device.
+        """
+        dev, past = self.device, self.length
+        allowed = torch.zeros(rows, self.capacity, dtype=torch.bool, device=dev)
         if attend is None:
-            attend = torch.ones(n, n, dtype=torch.bool).tril_()
-        attend = attend.cpu()
+            attend = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
+        else:
+            attend = attend.to(dev, non_blocking=True)
         if attend.shape[1] == n:
             allowed[:n, :past] = True
             allowed[:n, past : past + n] = attend
         else:
             allowed[:n, : past + n] = attend
-        pad = torch.arange(n, rows)
-        allowed[pad, past + pad] = True
-        return allowed
+        if rows > n:
+            pad = self._rows[n:rows]
+            allowed[pad, pad + past] = True
+        return torch.zeros(rows, self.capacity, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._neg)
 
     @torch.no_grad()
     def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,9 +161,7 @@ class GraphedRunner:
         if self.length + rows > self.capacity:
             raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {rows}); "
                                "raise the fast runner's capacity")
-        allowed = self._host_mask(n, rows, attend)
-        mask = torch.zeros(rows, self.capacity, dtype=self.dtype)
-        mask.masked_fill_(~allowed, self._neg)
+        mask = self._mask(n, rows, attend)
         ids = torch.zeros(rows, dtype=torch.long)
         ids[:n] = tokens
         pos = torch.zeros(rows, dtype=torch.long)
@@ -165,7 +173,7 @@ class GraphedRunner:
             self.cache.write_pos[:rows].copy_(write)
             out = self.model(input_ids=ids.view(1, -1).to(self.device),
                              position_ids=pos.view(1, -1).to(self.device),
-                             attention_mask=mask.view(1, 1, rows, -1).to(self.device),
+                             attention_mask=mask.view(1, 1, rows, -1),
                              use_cache=True, **{CACHE_KEYWORD: self.cache})
             logits = out.logits[0]
         self.length += n
