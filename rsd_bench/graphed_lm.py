@@ -100,7 +100,7 @@ class GraphedRunner:
         self.calls = 0
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, pos, mask, logits)
         self._neg = torch.finfo(self.dtype).min
-        self._rows = torch.arange(capacity, device=self.device)  # row indices for padded rows
+        self._rows = torch.arange(max(buckets), device=self.device)  # indices of padded rows (buckets only)
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
         if attention not in ("auto", "sdpa", "eager"):

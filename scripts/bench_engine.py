@@ -1414,7 +1414,7 @@ def summary_lines(report: dict) -> list[str]:
         if c:
             out.append("H2D copy us (pageable/pinned): " + ", ".join(
                 f"{k} {_f(v['pageable_us'], '{:.0f}')}/{_f(v['pinned_us'], '{:.0f}')}" for k, v in c.items())
-                + f"; synchronize {_f(h.get('synchronize_us'), '{:.0f}')} us; host mask build (bucket 64) "
+                + f"; synchronize {_f(h.get('synchronize_us'), '{:.0f}')} us; mask build on the device (bucket 64) "
                   f"{_f(h.get('mask_build_us_bucket64'), '{:.0f}')} us")
     ov = S.get("overhead", {})
     if ov.get("results"):
