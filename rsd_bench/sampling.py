@@ -45,8 +45,9 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
 
 
 def normalize(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """weights / sum, or `fallback` when the weights vanish (residuals of identical distributions)."""
+    """weights / sum, or `fallback` when the weights vanish (residuals of identical distributions).
+
+    Decided on the device: a host test of the sum would stall the GPU queue once per rejection.
+    """
     total = weights.sum()
-    if float(total) <= 0.0:
-        return fallback
-    return weights / total
+    return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), fallback)

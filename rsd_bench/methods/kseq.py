@@ -3,7 +3,8 @@
 rho* in [1, k] solves 1 - (1 - beta(rho))^k = rho * beta(rho), beta(rho) = sum_x min(D, T/rho).
 The left side minus the right is strictly decreasing in rho, >= 0 at 1 and <= 0 at k, so a
 bracketing search finds it. Accept X_j with probability min(1, T(X_j) / (rho* D(X_j))), first
-acceptance wins; if all k are rejected, sample from the residual
+acceptance wins (the k tests use independent uniforms, so they are drawn and compared at once,
+with one host transfer); if all k are rejected, sample from the residual
 T - min(D, T/rho*) (1 - (1 - beta)^k) / beta (clipped at 0, renormalised). k = 1 gives SD.
 """
 
@@ -16,10 +17,13 @@ from ..sampling import normalize, sample, uniform
 
 def solve_rho(target_p: torch.Tensor, draft_p: torch.Tensor, k: int, rounds: int = 5,
               points: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rho*, beta(rho*)) as float64 0-d tensors, no host synchronisation.
+    """(rho, beta(rho)) as float64 0-d tensors with rho >= rho*, no host synchronisation.
 
     Each round evaluates the function on a grid of `points` and keeps the bracketing cell, so
-    the bracket shrinks by (points - 1) per round: (k - 1) / 63**5 < 1e-8 (k - 1) here.
+    the bracket shrinks by (points - 1) per round: (k - 1) / 63**5 < 1e-8 (k - 1) here. The upper
+    end of the final bracket is returned: any rho >= rho* keeps the residual non-negative, so
+    the verifier stays exact (a rho a hair above rho* only costs ~1e-8 acceptance), whereas the
+    midpoint may fall just below rho* where the residual would need clipping.
     """
     t = target_p.double()
     d = draft_p.double()
@@ -33,7 +37,7 @@ def solve_rho(target_p: torch.Tensor, draft_p: torch.Tensor, k: int, rounds: int
             f = 1.0 - (1.0 - beta).pow(k) - grid * beta
             idx = ((f >= 0).sum() - 1).clamp(0, points - 2).view(1)
             lo, hi = grid.gather(0, idx)[0], grid.gather(0, idx + 1)[0]
-    rho = (lo + hi) / 2 if k > 1 else lo
+    rho = hi if k > 1 else lo
     beta = torch.minimum(d, t / rho).sum()
     return rho, beta
 
@@ -41,9 +45,10 @@ def solve_rho(target_p: torch.Tensor, draft_p: torch.Tensor, k: int, rounds: int
 def kseq_residual(target_p: torch.Tensor, draft_p: torch.Tensor, rho: torch.Tensor,
                   beta: torch.Tensor, k: int) -> torch.Tensor:
     t = target_p.double()
-    if float(beta) <= 0.0:  # draft and target disjoint: every draft is rejected, residual is T
-        return target_p
-    gamma = (1.0 - (1.0 - beta).pow(k)) / beta
+    # beta = 0 (draft and target disjoint): every draft is rejected and the residual is T;
+    # decided on the device (gamma's limit is k, and min(D, T/rho) is all zeros then anyway)
+    safe = beta.clamp_min(torch.finfo(torch.float64).tiny)
+    gamma = torch.where(beta > 0, (1.0 - (1.0 - beta).pow(k)) / safe, torch.full_like(beta, float(k)))
     residual = (t - torch.minimum(draft_p.double(), t / rho) * gamma).clamp_min(0.0)
     return normalize(residual, t).float()
 
@@ -56,7 +61,9 @@ def kseq_verify(target_p: torch.Tensor, draft_p: torch.Tensor, proposals: list[i
         rho = torch.tensor(float(rho_override), dtype=torch.float64, device=target_p.device)
         beta = torch.minimum(draft_p.double(), target_p.double() / rho).sum()
     t, d = target_p.double(), draft_p.double()
-    for j, x in enumerate(proposals):
-        if bool(uniform(gen).double() * rho * d[x] < t[x]):
-            return j, None
+    idx = torch.tensor(proposals, dtype=torch.long).to(t.device, non_blocking=True)
+    u = uniform(gen, (k,), t.device).double()
+    accepted = (u * rho * d[idx] < t[idx]).tolist()  # the one host synchronisation
+    if True in accepted:
+        return accepted.index(True), None
     return None, sample(kseq_residual(target_p, draft_p, rho, beta, k), gen)
