@@ -129,6 +129,11 @@ CELL_COLUMNS: dict[str, str] = {
     "ar_accuracy": "accuracy of the matching AR cell(s) (NaN if none)",
     "accuracy_ratio": "accuracy / ar_accuracy (NaN if ar_accuracy is 0 or missing)",
     "example_accuracy_mean": "mean of the per-example (sentence-level) accuracy",
+    "example_accuracy_ratio": "example_accuracy_mean / the AR cell's, over the examples both have",
+    "example_accuracy_ratio_ci_low": "2.5th percentile of example_accuracy_ratio over a paired "
+                                     "bootstrap of the examples (2000 resamples, seeded)",
+    "example_accuracy_ratio_ci_high": "97.5th percentile of the same bootstrap; an interval that "
+                                      "contains 1 means the accuracy difference is within sampling noise",
     "accept_rate_per_depth": "JSON list: sum(depth_accepts) / sum(depth_attempts) per depth",
     "tokens_per_block_hist": "JSON list: element k = number of blocks (target calls) that produced k tokens",
     "nodes_per_call": "mean nodes verified per target call (per-example means weighted by target_calls)",
@@ -451,7 +456,36 @@ def _aggregate_cell(g: pd.DataFrame) -> dict:
     return out
 
 
-def _attach_ar_baseline(cells: pd.DataFrame) -> pd.DataFrame:
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def paired_ratio_ci(values: np.ndarray, baseline: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(ratio of means, low, high): percentile bootstrap of mean(values) / mean(baseline), resampling
+    examples in pairs (the same prompts), so prompt-to-prompt spread cancels and what remains is
+    the sampling noise of two independent generations per prompt."""
+    values, baseline = np.asarray(values, float), np.asarray(baseline, float)
+    n = len(values)
+    if n == 0 or baseline.mean() <= 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    num, den = values[idx].mean(1), baseline[idx].mean(1)
+    ratios = np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.nanpercentile(ratios, [tail, 100 - tail])
+    return float(values.mean() / baseline.mean()), float(low), float(high)
+
+
+def _example_accuracy(df: pd.DataFrame) -> dict[str, pd.Series]:
+    """cell_id -> per-example accuracy indexed by example_id."""
+    if "accuracy" not in df or "example_id" not in df:
+        return {}
+    acc = pd.to_numeric(df["accuracy"], errors="coerce")
+    frame = pd.DataFrame({"cell_id": df["cell_id"], "example_id": df["example_id"].astype(str), "acc": acc})
+    return {cid: g.set_index("example_id")["acc"].dropna() for cid, g in frame.groupby("cell_id", sort=False)}
+
+
+def _attach_ar_baseline(cells: pd.DataFrame, examples: dict[str, pd.Series] | None = None) -> pd.DataFrame:
     """Fill ar_token_rate / ar_accuracy and the ratios from the matching AR cells.
 
     The AR baseline of a cell is every ``method == 'ar'`` cell with the same values in
@@ -474,7 +508,9 @@ def _attach_ar_baseline(cells: pd.DataFrame) -> pd.DataFrame:
         by_pair.setdefault(key(row, "pair"), []).append(idx)
         by_target.setdefault(key(row, "target_id"), []).append(idx)
 
-    ar_rate, ar_acc = [], []
+    examples = examples or {}
+    nan3 = (float("nan"),) * 3
+    ar_rate, ar_acc, ex_ratio = [], [], []
     for _, row in cells.iterrows():
         match = by_pair.get(key(row, "pair")) or by_target.get(key(row, "target_id")) or []
         same_sweep = [i for i in match if _key_value(ar.at[i, "sweep"]) == _key_value(row.get("sweep"))]
@@ -482,16 +518,29 @@ def _attach_ar_baseline(cells: pd.DataFrame) -> pd.DataFrame:
         if not match:
             ar_rate.append(float("nan"))
             ar_acc.append(float("nan"))
+            ex_ratio.append(nan3)
             continue
         m = ar.loc[match]
         ar_rate.append(metrics.token_rate(_nan_sum(m["new_tokens"]), _nan_sum(m["decode_seconds"])))
         accs = pd.to_numeric(m["accuracy"], errors="coerce")
         ar_acc.append(float(accs.mean()) if accs.notna().any() else float("nan"))
+        # per-example AR accuracy (several matching AR cells: mean per example), paired by example
+        ar_ex = [examples[c] for c in m["cell_id"] if c in examples]
+        mine = examples.get(row["cell_id"])
+        if mine is None or not ar_ex:
+            ex_ratio.append(nan3)
+            continue
+        base = pd.concat(ar_ex).groupby(level=0).mean()
+        common = mine.index.intersection(base.index)
+        ex_ratio.append(paired_ratio_ci(mine.loc[common].to_numpy(), base.loc[common].to_numpy()))
 
     cells["ar_token_rate"] = ar_rate
     cells["ar_accuracy"] = ar_acc
     cells["token_rate_ratio"] = [_ratio(a, b) for a, b in zip(cells["token_rate"], cells["ar_token_rate"])]
     cells["accuracy_ratio"] = [_ratio(a, b) for a, b in zip(cells["accuracy"], cells["ar_accuracy"])]
+    for i, col in enumerate(("example_accuracy_ratio", "example_accuracy_ratio_ci_low",
+                             "example_accuracy_ratio_ci_high")):
+        cells[col] = [r[i] for r in ex_ratio]
     return cells
 
 
@@ -517,7 +566,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             df = df[~dup]
     records = [_aggregate_cell(g) for _, g in df.groupby("cell_id", sort=False, dropna=False)]
     cells = pd.DataFrame.from_records(records)
-    cells = _attach_ar_baseline(cells)
+    cells = _attach_ar_baseline(cells, _example_accuracy(df))
     for c in CONFIG_COLUMNS:  # keep string config columns strings even when all null
         if _ARROW_TYPES[c] == _STR and cells[c].isna().all():
             cells[c] = cells[c].astype(object).astype("str")

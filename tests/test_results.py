@@ -7,6 +7,7 @@ import types
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -167,6 +168,9 @@ def test_collect_aggregates_by_hand(tmp_path):
     assert sd["ar_accuracy"] == pytest.approx(100.0)
     assert sd["accuracy_ratio"] == pytest.approx(1 / 3)
     assert sd["example_accuracy_mean"] == pytest.approx(100 / 3)
+    # paired by example: per-example scores (100, 0, 0) against AR's (100, 100, 100)
+    assert sd["example_accuracy_ratio"] == pytest.approx(1 / 3)
+    assert 0 <= sd["example_accuracy_ratio_ci_low"] <= 1 / 3 <= sd["example_accuracy_ratio_ci_high"] <= 1
     # acceptance per depth: attempts [30, 18], accepts [18, 9]
     assert json.loads(sd["accept_rate_per_depth"]) == pytest.approx([0.6, 0.5])
     # block histogram: 18 tokens / 10 calls -> 8 x 2 + 2 x 1; 19 -> 9 x 2 + 1 x 1; 20 -> 10 x 2
@@ -189,7 +193,8 @@ def test_collect_aggregates_by_hand(tmp_path):
     # AR cells: block efficiency 1, MBSU 1, ratios 1
     ar = cells[cells["method"] == "ar"]
     assert len(ar) == 4
-    for col in ("block_efficiency", "mbsu", "token_rate_ratio", "accuracy_ratio"):
+    for col in ("block_efficiency", "mbsu", "token_rate_ratio", "accuracy_ratio", "example_accuracy_ratio",
+                "example_accuracy_ratio_ci_low", "example_accuracy_ratio_ci_high"):
         assert ar[col].tolist() == pytest.approx([1.0] * 4)
     assert json.loads(ar.iloc[0]["accept_rate_per_depth"]) == []
 
@@ -339,3 +344,29 @@ def test_duplicate_rows_dropped_with_warning():
     with pytest.warns(UserWarning):
         cells = aggregate(pd.DataFrame(rows + rows))
     assert cells.iloc[0]["n_examples"] == N_EX
+
+
+def test_paired_ratio_ci_covers_and_separates():
+    """The bootstrap interval behaves like a 95 % interval: over TRIALS pairs of cells drawn from the
+    same distribution it contains 1 in about 95 % of them (percentile bootstrap at n = 50 runs a
+    little under; the bound 0.85 is 0.95 minus ~6.5 binomial standard deviations at TRIALS = 200),
+    and when the method's mean is 40 % lower it excludes 1 nearly always."""
+    from rsd_bench.results import paired_ratio_ci
+
+    rng = np.random.default_rng(1)
+    TRIALS, N = 200, 50
+    covered = separated = 0
+    for t in range(TRIALS):
+        prompt = rng.gamma(2.0, 10.0, N)  # prompt difficulty, shared by both generations
+        ar = rng.poisson(prompt).astype(float)
+        same = rng.poisson(prompt).astype(float)
+        worse = rng.poisson(0.6 * prompt).astype(float)
+        _, lo, hi = paired_ratio_ci(same, ar, resamples=1000, seed=t)
+        covered += lo <= 1.0 <= hi
+        _, lo, hi = paired_ratio_ci(worse, ar, resamples=1000, seed=t)
+        separated += hi < 1.0
+    assert covered / TRIALS >= 0.85, covered
+    assert separated / TRIALS >= 0.95, separated
+    ratio, lo, hi = paired_ratio_ci(np.ones(5), np.ones(5))
+    assert (ratio, lo, hi) == (1.0, 1.0, 1.0)
+    assert all(math.isnan(x) for x in paired_ratio_ci(np.ones(3), np.zeros(3)))
