@@ -28,6 +28,10 @@ def summarize(results_dir: Path, plot_cfg=None) -> Path | None:
     print("\n" + cells[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     if plot_cfg is not None and not plot_cfg.enabled:
         return None
+    if (cells["method"].astype(str) == "ar").all():  # e.g. a baseline-only run: nothing to plot
+        print("results:", results_dir / "results.parquet", "| cells:", results_dir / "cells.csv",
+              "| no grid: only AR cells")
+        return None
     rows = order
     if plot_cfg is not None and plot_cfg.rows:
         rows = [tuple(r.split("/", 1)) for r in plot_cfg.rows]

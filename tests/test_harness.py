@@ -109,6 +109,15 @@ def test_rerun_skips_completed_cells(mini_sweep):
     assert "already complete" in proc.stderr + proc.stdout
 
 
+def test_baseline_only_run_collects_without_a_grid(tmp_path):
+    proc = run_cli("experiment=smoke", "pair=random_tiny", "method=ar", "hydra.mode=RUN",
+                   "dataset.num_examples=1", "dataset.max_new_tokens=4", f"results_dir={tmp_path}/r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no grid: only AR cells" in proc.stdout
+    assert "raised" not in proc.stderr  # the collect-and-plot callback did not fail
+    assert (tmp_path / "r" / "cells.csv").exists() and not (tmp_path / "r" / "grid.png").exists()
+
+
 def test_missing_dataset_file_says_how_to_fix(tmp_path):
     proc = run_cli("experiment=smoke", "pair=random_tiny", "method=ar", "hydra.mode=RUN",
                    "dataset=xsum", f"dataset.path={tmp_path}/nope.jsonl", f"results_dir={tmp_path}/r")
