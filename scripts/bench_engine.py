@@ -132,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=None, help="untimed decode steps first")
     g.add_argument("--copy-mib", type=int, default=None, help="copy buffer size for the bandwidth")
     g.add_argument("--copy-reps", type=int, default=None)
+    g.add_argument("--compile", default="", help="AR section: also time the fast runner with torch.compile "
+                   "in these modes, comma list (e.g. default,max-autotune-no-cudagraphs); empty = skip")
+    g.add_argument("--tree-compile", default="", help="tree section: compile mode of the fast runner "
+                   "(empty = uncompiled)")
     g.add_argument("--tree-sizes", default=None, help="tree node counts, e.g. 3,6,16,32,64")
     g.add_argument("--tree-reps", type=int, default=None)
     g.add_argument("--overhead-methods", default=None)
@@ -465,17 +469,26 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                 row["floor_ms"] = streamed / bw * 1e3
                 row["floor_with_kv_ms"] = (streamed + kv_bytes(model, a.context)) / bw * 1e3
             vocab = state.shapes[key]["vocab"]
-            for kind in ("eager", "fast"):
+            kinds = ["eager", "fast"] + [f"fast+compile:{m}" for m in _names(a.compile)]
+            for kind in kinds:
                 if budget.over():
                     row[kind] = {"skipped": "section budget"}
                     continue
                 runner = None
                 try:
+                    t_build = time.perf_counter()
                     if kind == "eager":
                         runner = ModelRunner(model, vocab_size=vocab)
                     else:
-                        runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity)
+                        mode = kind.split(":", 1)[1] if ":" in kind else False
+                        runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity, compile=mode)
+                        if mode:  # compile + capture before timing (time_ar's capture is then a no-op)
+                            runner.reset(a.context + a.warmup + a.ar_steps + 8)
+                            runner.capture(1)
+                    setup_s = time.perf_counter() - t_build
                     r = time_ar(runner, state.dev, a.context, a.ar_steps, a.warmup, vocab, budget, a.seed)
+                    if kind.startswith("fast+compile"):
+                        r["compile_and_capture_seconds"] = setup_s
                     if bw:
                         r["fraction_of_floor"] = row["floor_ms"] / r["ms_per_token"]
                         if "graph_replay_ms" in r:
@@ -526,7 +539,8 @@ def section_tree(state: State, sec: dict, budget: Budget) -> None:
     sizes = _ints(a.tree_sizes)
     model = state.random_model("7b")
     vocab = state.shapes["7b"]["vocab"]
-    runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity)
+    runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity, compile=a.tree_compile or False)
+    sec["compile"] = a.tree_compile or None
     try:
         gen = torch.Generator().manual_seed(a.seed + 1)
         ctx = a.context
@@ -1395,9 +1409,19 @@ def summary_lines(report: dict) -> list[str]:
                        f"{_f(f.get('ms_per_token'))} | "
                        f"{_f(100 * f['fraction_of_floor'] if f.get('fraction_of_floor') else None, '{:.0f}')} | "
                        f"{_f(f.get('graph_replay_ms'))} |")
+        compiled = [(r["model"], k, v) for r in ar["results"] for k, v in r.items() if k.startswith("fast+compile")]
+        if compiled:
+            out += ["", "| model | fast mode with torch.compile | ms/tok | % floor | graph replay ms | compile + capture s |",
+                    "|---|---|---|---|---|---|"]
+            for model, k, v in compiled:
+                out.append(f"| {model} | {k.split(':', 1)[1]} | {_f(v.get('ms_per_token'))} | "
+                           f"{_f(100 * v['fraction_of_floor'] if v.get('fraction_of_floor') else None, '{:.0f}')} | "
+                           f"{_f(v.get('graph_replay_ms'))} | {_f(v.get('compile_and_capture_seconds'), '{:.0f}')} |"
+                           + (f" error: {v['error'].strip().splitlines()[-1][:120]}" if v.get("error") else ""))
     tr = S.get("tree", {})
     if tr.get("results"):
-        out += ["", f"Tree forward / AR step, 7B shape, fast mode (AR step {_f(tr.get('ar_step_ms'))} ms)", "",
+        comp = f", torch.compile {tr['compile']}" if tr.get("compile") else ""
+        out += ["", f"Tree forward / AR step, 7B shape, fast mode{comp} (AR step {_f(tr.get('ar_step_ms'))} ms)", "",
                 "| N | bucket | ms | ratio | graph-only ratio | goal | ok |", "|---|---|---|---|---|---|---|"]
         for r in tr["results"]:
             out.append(f"| {r['nodes']} | {r['bucket']} | {_f(r['ms'])} | {_f(r['ratio'], '{:.3f}')} | "
