@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto = bfloat16 on cuda, float32 on cpu")
     p.add_argument("--out", default=None, help="JSON report (default $OUT/bench_engine.json if $OUT is set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blas", default="", help="torch.backends.cuda.preferred_blas_library for the whole run "
+                   "(cublas, cublaslt); empty = PyTorch's default")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="per-section time box: remaining repetitions / runs are skipped when over")
     p.add_argument("--total-budget-seconds", type=float, default=None,
@@ -1507,12 +1509,14 @@ def main(argv=None) -> int:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
+        if args.blas:  # which GEMM library serves the small-row matmuls of decode and tree steps
+            torch.backends.cuda.preferred_blas_library(args.blas)
     selected = _names(args.sections)
     report = {
         "meta": {"argv": list(argv) if argv is not None else sys.argv[1:], "args": vars(args), "quick": args.quick,
                  "device": str(dev), "device_name": gpu_name(dev), "dtype": str(dtype), "torch": torch.__version__,
                  "transformers": transformers.__version__, "python": platform.python_version(),
-                 "cuda": torch.version.cuda, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                 "cuda": torch.version.cuda, "blas": args.blas or "default", "started": time.strftime("%Y-%m-%d %H:%M:%S")},
         "sections": {},
     }
     log(f"device {dev} ({report['meta']['device_name']}), {dtype}, torch {torch.__version__}, "
