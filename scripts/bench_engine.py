@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto = bfloat16 on cuda, float32 on cpu")
     p.add_argument("--out", default=None, help="JSON report (default $OUT/bench_engine.json if $OUT is set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cudnn-sdp", action="store_true", help="disable cuDNN's SDPA kernels for the whole run "
+                   "(SDPA then uses the memory-efficient kernel for masked attention)")
     p.add_argument("--blas", default="", help="torch.backends.cuda.preferred_blas_library for the whole run "
                    "(cublas, cublaslt); empty = PyTorch's default")
     p.add_argument("--budget-seconds", type=float, default=None,
@@ -743,6 +745,31 @@ def section_diagnostics(state: State, sec: dict, budget: Budget) -> None:
         log("diagnostics: un-graphed static 7B step: " + json.dumps(
             {k: sec["static_step_bucket1"].get(k) for k in ("gpu_kernels", "gpu_kernel_ms_total", "gpu_ms_by_kind",
                                                             "kernel_launches", "launch_cpu_us_mean")}, default=str))
+        # the same step over a small tree, with each attention kernel: where a tree's extra GPU
+        # time goes (the tree section's ratio is the graphed version of this)
+        from rsd_bench.graphed_lm import _set_attention
+
+        impl0 = model.config._attn_implementation
+        try:
+            for rows in (4, 16):
+                _, depth, tmask = random_tree(rows, torch.Generator().manual_seed(rows))
+                for impl in ("sdpa", "eager"):
+                    if budget.over():
+                        break
+                    _set_attention(model, impl)
+
+                    def tree_step(rows=rows, depth=depth, tmask=tmask):
+                        runner.forward([7] * rows, [base + d for d in depth], tmask)
+                        runner.keep(base, [])
+
+                    tree_step()
+                    key = f"static_step_tree{rows}_{impl}"
+                    sec[key] = profile_forward(tree_step, dev)
+                    log(f"diagnostics: un-graphed 7B step over a {rows}-node tree, {impl} attention: "
+                        + json.dumps({k: sec[key].get(k) for k in ("gpu_kernels", "gpu_kernel_ms_total",
+                                                                   "gpu_ms_by_kind")}, default=str))
+        finally:
+            _set_attention(model, impl0)
         runner = None
         free_memory(dev)
         if budget.over():
@@ -1511,12 +1538,14 @@ def main(argv=None) -> int:
         torch.cuda.set_device(dev)
         if args.blas:  # which GEMM library serves the small-row matmuls of decode and tree steps
             torch.backends.cuda.preferred_blas_library(args.blas)
+        if args.no_cudnn_sdp:
+            torch.backends.cuda.enable_cudnn_sdp(False)
     selected = _names(args.sections)
     report = {
         "meta": {"argv": list(argv) if argv is not None else sys.argv[1:], "args": vars(args), "quick": args.quick,
                  "device": str(dev), "device_name": gpu_name(dev), "dtype": str(dtype), "torch": torch.__version__,
                  "transformers": transformers.__version__, "python": platform.python_version(),
-                 "cuda": torch.version.cuda, "blas": args.blas or "default", "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                 "cuda": torch.version.cuda, "blas": args.blas or "default", "cudnn_sdp": not args.no_cudnn_sdp, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
         "sections": {},
     }
     log(f"device {dev} ({report['meta']['device_name']}), {dtype}, torch {torch.__version__}, "
