@@ -652,6 +652,13 @@ def distill_loss(target_logits: torch.Tensor, draft_logits: torch.Tensor, kept_i
     return distill_loss_from_logp(t_logp, draft_logits, loss, weights)
 
 
+def steps_that_fit(step: int, requested: int, seconds_left: float, seconds_per_step: float) -> int:
+    """Total step count for a time budget: the steps done, plus as many as the time left allows at
+    the measured rate, at most the requested count (never fewer than done)."""
+    more = int(seconds_left / seconds_per_step) if seconds_per_step > 0 and seconds_left > 0 else 0
+    return max(step, min(requested, step + more))
+
+
 def distill_loss_from_logp(t_logp: torch.Tensor, draft_logits: torch.Tensor, loss: str = "kl",
                            weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """`distill_loss` given log T(x) on the kept tokens only ([n, N], NOT renormalised over them)."""
@@ -903,7 +910,9 @@ def distill(target, out, tokenizer=None, **options) -> dict:
     n_gen_batches = max(1, math.ceil(len(seqs) / cfg.gen_batch_size))
     eval_batches = sum(math.ceil(len(prompts.get(s, {}).get("eval", [])) / cfg.gen_batch_size) for s in STYLES)
     eval_reserve = 20.0 + 1.3 * eval_batches * timer.times.get("generate_train", 0.0) / n_gen_batches
-    probe_from, probe_to = 3, 13
+    probe_from, probe_to, refit_every = 3, 13, 100
+    requested_steps = sched["steps"]
+    t_steady = None
     budget_note = None
 
     with timer("train"):
@@ -949,15 +958,25 @@ def distill(target, out, tokenizer=None, **options) -> dict:
                 torch.nn.utils.clip_grad_norm_(inner.parameters(), cfg.grad_clip)
             opt.step()
             recent.append((loss.item(), st["accept"], st["kept_mass"]))
-            if t_probe is not None and step == probe_to:
-                per_step = (time.perf_counter() - t_probe) / (probe_to - probe_from + 1)
-                left = cfg.time_budget - (time.perf_counter() - t_start) - eval_reserve
-                fit = step + max(0, int(left / per_step))
-                if fit < sched["steps"]:
-                    budget_note = (f"--time-budget {cfg.time_budget:.0f}s: {per_step * 1000:.0f} ms/step, "
-                                   f"steps {sched['steps']} -> {max(fit, step)}")
+            # first fit after a short probe (so a slow run stops in time), then refit every
+            # `refit_every` steps from the mean step time since the probe: the first steps run
+            # slower (allocator, kernel selection) and alone they cut a run to ~40% of its budget
+            refit = t_probe is not None and (step == probe_to or (
+                step > probe_to and (step - probe_to) % refit_every == 0))
+            if refit:
+                now = time.perf_counter()
+                if step == probe_to:
+                    per_step = (now - t_probe) / (probe_to - probe_from + 1)
+                    t_steady = now
+                else:
+                    per_step = (now - t_steady) / (step - probe_to)
+                left = cfg.time_budget - (now - t_start) - eval_reserve
+                new_steps = steps_that_fit(step, requested_steps, left, per_step)
+                if new_steps != sched["steps"]:
+                    budget_note = (f"--time-budget {cfg.time_budget:.0f}s: {per_step * 1000:.0f} ms/step at "
+                                   f"step {step}, steps {requested_steps} -> {new_steps}")
                     _log(budget_note)
-                    sched["steps"] = max(fit, step)
+                    sched["steps"] = new_steps
                     if bar is not None:
                         bar.total = sched["steps"]
                         bar.refresh()

@@ -275,3 +275,23 @@ def test_init_layers_copies_the_target(tiny_pair):
     assert all(any(torch.equal(r, s) for s in src) for r in rows)
     with pytest.raises(ValueError, match="hidden_size"):
         D.build_draft(D.DistillConfig(layers=1, hidden=64, heads=4, init_layers="0"), V, None, target)
+
+
+def test_time_budget_refit_grows_and_shrinks_within_the_request():
+    fit = D.steps_that_fit
+    assert fit(13, 20000, 60.0, 0.133) == 13 + 451  # slow probe: cut to what fits
+    assert fit(113, 20000, 300.0, 0.05) == 113 + 6000  # faster steady state: grow again
+    assert fit(113, 1000, 300.0, 0.05) == 1000  # never past the requested count
+    assert fit(500, 20000, -5.0, 0.05) == 500  # over budget: stop at the steps done
+    assert fit(500, 400, 10.0, 0.05) == 500  # never fewer than done
+
+
+def test_time_budget_in_a_run(tiny_pair, tmp_path):
+    """The budget path of the training loop: an impossible budget stops at the probe (step 13, the
+    evaluation reserve alone exceeds it); an ample one keeps the requested steps through a refit."""
+    model, tok = tiny_pair
+    cfg = {**TINY, "steps": 120, "save_every": 1000, "log_every": 1000}
+    tight = D.distill(model, tmp_path / "tight", tokenizer=tok, **{**cfg, "time_budget": 1e-3})
+    assert tight["steps"] == 13 and "-> 13" in tight["time_budget_note"]
+    ample = D.distill(model, tmp_path / "ample", tokenizer=tok, **{**cfg, "time_budget": 1e6})
+    assert ample["steps"] == 120 and ample["time_budget_note"] is None
