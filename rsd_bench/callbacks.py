@@ -28,9 +28,9 @@ def summarize(results_dir: Path, plot_cfg=None) -> Path | None:
     print("\n" + cells[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n")
     if plot_cfg is not None and not plot_cfg.enabled:
         return None
+    where = f"results: {results_dir / 'results.parquet'} | cells: {results_dir / 'cells.csv'}"
     if (cells["method"].astype(str) == "ar").all():  # e.g. a baseline-only run: nothing to plot
-        print("results:", results_dir / "results.parquet", "| cells:", results_dir / "cells.csv",
-              "| no grid: only AR cells")
+        print(where, "| no grid: only AR cells")
         return None
     rows = order
     if plot_cfg is not None and plot_cfg.rows:
@@ -38,8 +38,7 @@ def summarize(results_dir: Path, plot_cfg=None) -> Path | None:
     criterion = plot_cfg.criterion if plot_cfg is not None else "block_efficiency"
     paths = plot_grid(cells, results_dir / "grid", row_order=rows, criterion=criterion,
                       title=f"rsd-bench: {results_dir.name}")
-    print("results:", results_dir / "results.parquet", "| cells:", results_dir / "cells.csv",
-          "| grid:", ", ".join(str(p) for p in paths))
+    print(where, "| grid:", ", ".join(str(p) for p in paths))
     return paths[0] if paths else None
 
 

@@ -481,17 +481,17 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                 runner = None
                 try:
                     t_build = time.perf_counter()
+                    mode = kind.partition(":")[2] or False  # the compile mode of "fast+compile:<mode>"
                     if kind == "eager":
                         runner = ModelRunner(model, vocab_size=vocab)
                     else:
-                        mode = kind.split(":", 1)[1] if ":" in kind else False
                         runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity, compile=mode)
                         if mode:  # compile + capture before timing (time_ar's capture is then a no-op)
                             runner.reset(a.context + a.warmup + a.ar_steps + 8)
                             runner.capture(1)
                     setup_s = time.perf_counter() - t_build
                     r = time_ar(runner, state.dev, a.context, a.ar_steps, a.warmup, vocab, budget, a.seed)
-                    if kind.startswith("fast+compile"):
+                    if mode:
                         r["compile_and_capture_seconds"] = setup_s
                     if bw:
                         r["fraction_of_floor"] = row["floor_ms"] / r["ms_per_token"]

@@ -103,4 +103,4 @@ def kseq_verify(target_p: torch.Tensor, draft_p: torch.Tensor, proposals: list[i
     accepted = (u * rho * d[idx] < t[idx]).tolist()  # the one host synchronisation
     if True in accepted:
         return accepted.index(True), None
-    return None, sample(kseq_residual(target_p, draft_p, rho, beta, k), gen)
+    return None, sample(kseq_residual(t, d, rho, beta, k), gen)  # t, d: already float64
