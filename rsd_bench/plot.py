@@ -226,8 +226,26 @@ def plot_grid(
     return paths
 
 
+def load_cells(results_path, query: str | None = None) -> pd.DataFrame:
+    """The per-cell table from ``cells.parquet`` / ``cells.csv`` / ``results.parquet`` / a per-job
+    file / a sweep directory, optionally filtered by a pandas ``query`` over its columns
+    (e.g. ``"method in ['ar', 'sd'] or K == 3 or width == 3"``: one tree width per method)."""
+    cells = _load_cells(results_path)
+    if query:
+        try:
+            cells = cells.query(query)
+        except Exception as e:  # pandas raises several types for a bad expression
+            raise ValueError(f"bad --query {query!r}: {e}. Columns: {', '.join(map(str, cells.columns))}") from e
+        if cells.empty:
+            raise ValueError(f"--query {query!r} leaves no cells")
+    return cells
+
+
 def _load_cells(results_path) -> pd.DataFrame:
     path = Path(results_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory; give a sweep directory "
+                                "(runs/<sweep>), its cells.parquet / cells.csv, or results.parquet")
     if path.is_dir():
         for name in ("cells.parquet", "cells.csv"):
             if (path / name).is_file():
@@ -249,11 +267,13 @@ def plot_results(
     row_order: list[tuple[str, str]] | None = None,
     criterion: str = "block_efficiency",
     title: str | None = None,
+    query: str | None = None,
 ) -> list[Path]:
     """Plot from a file: ``cells.parquet`` / ``cells.csv`` (per-cell) or ``results.parquet`` /
     a per-job file (per-example rows, aggregated first), or a sweep directory (its
     ``cells.parquet`` / ``cells.csv`` if present, else its per-job files aggregated).
-    Writes ``<out_dir>/<stem>.png`` and ``.pdf`` and returns the paths."""
-    cells = _load_cells(results_path)
+    ``query`` filters the cells first (:func:`load_cells`). Writes ``<out_dir>/<stem>.png`` and
+    ``.pdf`` and returns the paths."""
+    cells = load_cells(results_path, query)
     return plot_grid(cells, Path(out_dir) / stem, row_order=row_order, criterion=criterion,
                      title=title)

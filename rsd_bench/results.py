@@ -41,6 +41,7 @@ __all__ = [
     "aggregate",
     "collect",
     "select_best",
+    "ratio_of_sums_se",
     "completed_cells",
 ]
 
@@ -121,6 +122,8 @@ CELL_COLUMNS: dict[str, str] = {
     "prefill_seconds": "sum of prefill seconds",
     "block_efficiency": "sum(new_tokens) / sum(target_calls)",
     "block_efficiency_example_std": "standard deviation of per-example block efficiency",
+    "block_efficiency_se": "standard error of block_efficiency: bootstrap over the examples "
+                           "(2000 resamples, seeded) of sum(new_tokens) / sum(target_calls)",
     "mbsu": "metrics.mbsu of the cell's block_efficiency (with draft_params, target_params, L)",
     "token_rate": "sum(new_tokens) / sum(decode_seconds) (tokens/s)",
     "ar_token_rate": "token_rate of the matching AR cell(s) (NaN if none)",
@@ -440,6 +443,8 @@ def _aggregate_cell(g: pd.DataFrame) -> dict:
         "prefill_seconds": sums["prefill_seconds"],
         "block_efficiency": be,
         "block_efficiency_example_std": float(per_example_be.std()) if n > 1 else float("nan"),
+        "block_efficiency_se": ratio_of_sums_se(pd.to_numeric(g["new_tokens"], errors="coerce"),
+                                                pd.to_numeric(g["target_calls"], errors="coerce")),
         "mbsu": cell_mbsu,
         "token_rate": rate,
         "accuracy": _corpus_accuracy(g),
@@ -457,6 +462,22 @@ def _aggregate_cell(g: pd.DataFrame) -> dict:
 
 
 BOOTSTRAP_RESAMPLES = 2000
+
+
+def ratio_of_sums_se(num, den, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float:
+    """Bootstrap standard error of sum(num) / sum(den), resampling examples (rows with a NaN are
+    dropped). Block efficiency is such a ratio, so comparing two methods' block efficiencies
+    takes this, not the per-example spread: their difference over sqrt(se1^2 + se2^2) is a z-score."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    ok = ~(np.isnan(num) | np.isnan(den))
+    num, den = num[ok], den[ok]
+    n = len(num)
+    if n < 2:
+        return float("nan")
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    top, bottom = num[idx].sum(1), den[idx].sum(1)
+    ratios = np.divide(top, bottom, out=np.full_like(top, np.nan), where=bottom > 0)
+    return float(np.nanstd(ratios, ddof=1))
 
 
 def paired_ratio_ci(values: np.ndarray, baseline: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
