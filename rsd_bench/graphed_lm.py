@@ -82,6 +82,23 @@ def _kv_shape(model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, kv_heads, head_dim
 
 
+COMPILE_MODES = ("parts", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(value) -> str | None:
+    """GraphedRunner's `compile` as None (off) or one of COMPILE_MODES; configs may spell off as
+    false / none / off and the whole-forward default as true."""
+    text = str(value).strip().lower() if value is not None else ""
+    if value is False or text in ("", "none", "false", "off", "no", "0"):
+        return None
+    if value is True or text in ("true", "on", "yes", "1"):
+        return "default"
+    if text not in COMPILE_MODES:
+        raise ValueError(f"compile must be none, parts, true or a torch.compile mode "
+                         f"({', '.join(COMPILE_MODES[1:])}); got {value!r}")
+    return text
+
+
 class GraphedRunner:
     """Drop-in replacement for ModelRunner with a static cache; CUDA graphs when on a GPU."""
 
@@ -110,26 +127,29 @@ class GraphedRunner:
         if attention != "auto":
             _set_attention(model, attention)
         self.attention_choice: dict[int, dict] = {}  # bucket -> {"chosen": impl, "ms": {impl: ms}}
-        # torch.compile of the bucketed forwards (True = default mode, or a mode string such as
-        # "max-autotune-no-cudagraphs"): Inductor fuses the ~40 small kernels per layer (norms,
-        # rotary, activations, cache writes) that dominate a decode step's non-matmul GPU time.
-        # The CUDA graphs are still ours; compilation happens in the first warm-up of a bucket.
-        # Calls longer than the largest bucket (prefill) stay uncompiled: no shape recompiles.
-        # Off by default: measured on an H200 it is 3x SLOWER (7B step 21.6 vs 6.7 ms per replay),
-        # because functionalization turns the index_copy_ cache writes into copies of each
-        # layer's whole K/V plus a copy-back of the full cache (visible in Inductor's output code).
-        # Per-layer cache buffers that Inductor can re-inplace are the next thing to try.
-        self.compile_mode = None if compile in (False, None, "", "none") else ("default" if compile is True else str(compile))
+        # torch.compile of the bucketed forwards. compile="parts": only the small elementwise ops
+        # (RMSNorm, rotary, SiLU * up; fused_ops.fuse_small_ops, counts in `fused`) run as compiled
+        # kernels; cache writes and attention stay eager, which avoids the whole-cache copies of
+        # compiling the cache writes (below). True = the whole forward in default mode, or a mode
+        # string such as "max-autotune-no-cudagraphs": measured on an H200 that is 3x SLOWER (7B
+        # step 21.6 vs 6.7 ms per replay), because functionalization turns the index_copy_ cache
+        # writes into copies of each layer's whole K/V plus a copy-back of the full cache (visible
+        # in Inductor's output code; per-layer cache buffers Inductor can re-inplace might avoid it).
+        # Either way the CUDA graphs are still ours, compilation happens in the first warm-up of a
+        # bucket, and calls longer than the largest bucket (prefill) stay uncompiled: no recompiles.
+        self.compile_mode = _compile_mode(compile)
         self._compiled = None
-        if self.compile_mode is not None:
-            mode = None if self.compile_mode == "default" else self.compile_mode
-            # one compiled variant per (runner, bucket, attention kernel): Dynamo's default limit
-            # of 8 per code object would silently fall back to uncompiled forwards
-            from torch import _dynamo
+        self.fused: dict[str, int] = {}
+        if self.compile_mode == "parts":
+            from .fused_ops import fuse_small_ops
 
-            cfg = _dynamo.config
-            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-            setattr(cfg, name, max(getattr(cfg, name), 256))
+            self.fused = fuse_small_ops(model)
+            self._compiled = self._call_fused
+        elif self.compile_mode is not None:
+            from .fused_ops import raise_recompile_limit
+
+            mode = None if self.compile_mode == "default" else self.compile_mode
+            raise_recompile_limit()  # one compiled variant per (runner, bucket, attention kernel)
             self._compiled = torch.compile(self._call_model, dynamic=False, mode=mode)
 
     @staticmethod
@@ -139,6 +159,13 @@ class GraphedRunner:
     def _call_model(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
                           **{CACHE_KEYWORD: self.cache}).logits
+
+    def _call_fused(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """compile="parts": the model's fused small ops run compiled only within this scope."""
+        from .fused_ops import enabled
+
+        with enabled():
+            return self._call_model(ids, pos, mask)
 
     def _bucket_forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The forward of a bucket-sized call: compiled when asked for."""

@@ -109,3 +109,100 @@ def test_compiled_forward_matches(models):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     for a, b in zip(got["plain"][1], got["compiled"][1]):
         assert (a - b).abs().max() <= 1e-4
+
+
+@pytest.fixture
+def restore_rotary():
+    """fuse_small_ops swaps transformers' apply_rotary_pos_emb for a dispatcher (inert outside
+    fused_ops.enabled()); put the original back after the test anyway."""
+    from rsd_bench import fused_ops
+
+    yield
+    fused_ops.restore_rotary()
+
+
+def test_parts_compile_matches(models, restore_rotary):
+    """compile="parts" (compiled RMSNorm, rotary and SiLU * up; cache writes and attention eager)
+    computes the same tokens and logits as the uncompiled static path; Inductor's CPU backend."""
+    import copy
+    import shutil
+
+    import torch._dynamo
+
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("Inductor's CPU backend needs a C++ compiler")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    target, draft = models
+    t2, d2 = copy.deepcopy(target), copy.deepcopy(draft)
+    kw = dict(vocab_size=259, temperature=1.0, max_new_tokens=20, seed=5, W=3)
+    got = {}
+    for name, (t, d, comp) in {"plain": (target, draft, False), "parts": (t2, d2, "parts")}.items():
+        logits = []
+        tr, dr = GraphedRunner(t, capacity=512, compile=comp), GraphedRunner(d, capacity=512, compile=comp)
+        res = generate(tr, dr, [1, 40, 50, 60], "rsd_s", 2,
+                       trace=lambda m, s, tree, n, out: logits.append(out.clone()), **kw)
+        got[name] = (res, logits, tr)
+    runner = got["parts"][2]
+    assert runner.compile_mode == "parts" and got["plain"][2].compile_mode is None
+    assert runner.fused == {"rms_norm": 5, "silu_mul": 2, "rotary": 2} and got["plain"][2].fused == {}
+    assert got["plain"][0].tokens == got["parts"][0].tokens
+    # the three compiled functions (RMSNorm, SiLU * up, rotary) ran: no silent fallback to eager
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 3
+    assert len(got["plain"][1]) == len(got["parts"][1])
+    for a, b in zip(got["plain"][1], got["parts"][1]):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_fuse_small_ops_counts_idempotent_and_inert_outside_scope(restore_rotary):
+    from transformers.models.llama import modeling_llama
+
+    from rsd_bench import fused_ops
+
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    model = tiny_llama(layers=3, seed=1)
+    ids = torch.randint(3, 259, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    counts = fused_ops.fuse_small_ops(model)
+    assert counts == {"rms_norm": 2 * 3 + 1, "silu_mul": 3, "rotary": 3}
+    patched = {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__}
+    assert len(patched) == counts["rms_norm"] + counts["silu_mul"]  # instances, not classes
+    assert type(model.model.norm).forward is modeling_llama.LlamaRMSNorm.forward  # class untouched
+    dispatcher = modeling_llama.apply_rotary_pos_emb
+    assert dispatcher is not original_rotary and dispatcher._rsd_fused_original is original_rotary
+
+    assert fused_ops.fuse_small_ops(model) == counts  # idempotent: nothing re-patched or re-wrapped
+    assert {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__} == patched
+    assert modeling_llama.apply_rotary_pos_emb is dispatcher
+
+    with torch.no_grad():  # outside fused_ops.enabled() the original forwards run: bit-identical
+        assert torch.equal(model(ids).logits, before)
+    fused_ops.unfuse_small_ops(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    fused_ops.restore_rotary()
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
+
+
+def test_compile_mode_spellings():
+    """Config spellings of GraphedRunner's compile map to one mode; a typo stops with the choices."""
+    from rsd_bench.graphed_lm import _compile_mode
+
+    for off in (False, None, "", "none", "False", "off"):
+        assert _compile_mode(off) is None
+    assert _compile_mode(True) == "default" and _compile_mode("true") == "default"
+    assert _compile_mode("Parts") == "parts" and _compile_mode("max-autotune") == "max-autotune"
+    with pytest.raises(ValueError, match="compile must be none, parts"):
+        _compile_mode("part")
+
+
+def test_load_pair_passes_compile_to_the_fast_runners():
+    from rsd_bench.pair import load_pair
+
+    pair = load_pair("random-llama:layers=1,hidden=32,seed=0", "random-llama:layers=1,hidden=32,seed=1",
+                     device="cpu", fast=True, compile="none")
+    assert pair.target.compile_mode is None and pair.draft.compile_mode is None
+    with pytest.raises(ValueError, match="compile must be"):
+        load_pair("random-llama:layers=1,hidden=32,seed=0", device="cpu", fast=True, compile="fast")
