@@ -170,11 +170,13 @@ class Pair:
 
 def load_pair(target: str, draft: str | None = None, *, dtype: str | torch.dtype = "auto",
               device: str | None = "auto", name: str = "", attn_implementation: str = "sdpa",
-              fast: bool | str = "auto", max_context: int = 2048) -> Pair:
+              fast: bool | str = "auto", max_context: int = 2048, compile: str | bool = "parts") -> Pair:
     """Load target and draft (same tokenizer enforced) onto one device.
 
     fast: use GraphedRunner (static cache + CUDA graphs); "auto" = on a GPU. Its cache holds
-    max_context entries (prompt + new tokens + tree + 128 of slack must fit).
+    max_context entries (prompt + new tokens + tree + 128 of slack must fit). compile: the fast
+    runners' torch.compile mode (GraphedRunner's `compile`; "parts" fuses the small ops only,
+    "none" turns it off); ignored when not fast.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -195,7 +197,7 @@ def load_pair(target: str, draft: str | None = None, *, dtype: str | torch.dtype
         if model is None:
             return None
         if use_fast:
-            return GraphedRunner(model, vocab_size=vocab, capacity=max_context)
+            return GraphedRunner(model, vocab_size=vocab, capacity=max_context, compile=compile)
         return ModelRunner(model, vocab_size=vocab)
 
     if use_fast:  # the static cache bounds the usable context

@@ -151,7 +151,8 @@ def run_job(cfg, job_num: int = 0) -> Path | None:
     pair = load_pair(pair_cfg.target, pair_cfg.draft if method.uses_draft else None,
                      dtype=pair_cfg.dtype, device=cfg.device, name=pair_cfg.name,
                      attn_implementation=pair_cfg.attn_implementation,
-                     fast=_fast_flag(pair_cfg.fast), max_context=pair_cfg.max_context)
+                     fast=_fast_flag(pair_cfg.fast), max_context=pair_cfg.max_context,
+                     compile=pair_cfg.compile)
     # capture the fast mode's CUDA graphs now, outside any timed region
     pair.prepare(max(method.max_nodes(c.settings) if method.max_nodes else 64 for c in todo))
     if method.uses_draft and pair.draft is None:

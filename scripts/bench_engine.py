@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--max-context", type=int, default=None, help="fast runners' cache (load_pair max_context)")
+    g.add_argument("--pair-compile", default="parts", help="fast runners' compile mode for the real pair "
+                   "(load_pair compile: parts | none | a torch.compile mode)")
     g.add_argument("--equiv-new-tokens", type=int, default=None)
     g.add_argument("--hf-warmup-tokens", type=int, default=None)
     return p
@@ -493,6 +495,8 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                     r = time_ar(runner, state.dev, a.context, a.ar_steps, a.warmup, vocab, budget, a.seed)
                     if mode:
                         r["compile_and_capture_seconds"] = setup_s
+                    if getattr(runner, "fused", None):  # compile "parts": modules fused, by kind
+                        r["fused"] = runner.fused
                     if bw:
                         r["fraction_of_floor"] = row["floor_ms"] / r["ms_per_token"]
                         if "graph_replay_ms" in r:
@@ -506,6 +510,10 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                     log(f"AR {key} {kind} failed:\n{row[kind]['error']}")
                 finally:
                     runner = None
+                    if mode == "parts":  # later kinds and sections get the model's own forwards back
+                        from rsd_bench.fused_ops import unfuse_small_ops
+
+                        unfuse_small_ops(model)
                     free_memory(state.dev)
         except Exception:
             row["error"] = _err()
@@ -545,6 +553,8 @@ def section_tree(state: State, sec: dict, budget: Budget) -> None:
     vocab = state.shapes["7b"]["vocab"]
     runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity, compile=a.tree_compile or False)
     sec["compile"] = a.tree_compile or None
+    if runner.fused:
+        sec["fused"] = runner.fused
     try:
         gen = torch.Generator().manual_seed(a.seed + 1)
         ctx = a.context
@@ -609,6 +619,10 @@ def section_tree(state: State, sec: dict, budget: Budget) -> None:
             sec["partial"] = "section budget hit"
     finally:
         runner = None
+        if a.tree_compile == "parts":  # the diagnostics and overhead sections reuse this model
+            from rsd_bench.fused_ops import unfuse_small_ops
+
+            unfuse_small_ops(model)
         free_memory(state.dev)
 
 
@@ -925,7 +939,7 @@ def get_pair(state: State):
     t = time.perf_counter()
     try:
         state.pair = load_pair(a.pair_target, a.draft, dtype=state.dtype, device=str(state.dev), fast=True,
-                               max_context=a.max_context)
+                               max_context=a.max_context, compile=a.pair_compile)
     except Exception as err:
         state.pair_error = f"{type(err).__name__}: {err}"
         raise
