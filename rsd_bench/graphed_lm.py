@@ -116,9 +116,20 @@ class GraphedRunner:
         self.cache.allocate(*_kv_shape(model), self.dtype, self.device)
         self.length = 0
         self.calls = 0
-        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ids, pos, mask, logits)
+        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, bits, logits)
         self._neg = torch.finfo(self.dtype).min
         self._rows = torch.arange(max(buckets), device=self.device)  # indices of padded rows (buckets only)
+        # Bucket calls send their inputs as two small host buffers (see _pack) and build the mask
+        # and cache write positions on the device, inside the graph: a decode step's host work
+        # is then a few CPU tensor ops and two copies instead of ~15 launches of mask building.
+        # Pinned on a GPU, so the copies are asynchronous; `_copied` guards their reuse.
+        self._cols = torch.arange(capacity, device=self.device)
+        self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._negt = torch.full((), self._neg, dtype=self.dtype, device=self.device)
+        pin = self.device.type == "cuda"
+        self._pin_ints = torch.zeros(2 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
+        self._pin_bits = torch.zeros(max(buckets) * capacity, dtype=torch.uint8, pin_memory=pin)
+        self._copied = torch.cuda.Event() if pin else None
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
         if attention not in ("auto", "sdpa", "eager"):
@@ -208,29 +219,74 @@ class GraphedRunner:
             allowed[pad, pad + past] = True
         return torch.zeros(rows, self.capacity, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._neg)
 
+    def _pack(self, tokens: list[int], positions: list[int], bucket: int, attend) -> int:
+        """Write a bucket call's inputs into the host buffers; returns the bytes of `bits` used.
+
+        ints = [ids (bucket), positions (bucket), P, width, length]: every row sees the cache
+        columns below P; columns P .. P+width-1 follow the row-major bit block [bucket, width]
+        in `bits`. The block holds the tree pattern and each padded row's own column (padded rows
+        see only the prefix and themselves, stay finite, and no real row sees them).
+        """
+        n, length = len(tokens), self.length
+        if attend is None or attend.shape[1] == n:
+            P = length
+        else:  # [n, length + n]: the prefix every row sees goes to P, the rest into the block
+            attend = attend.to("cpu", torch.bool)
+            partial = (~attend.all(0)).nonzero()
+            P = min(int(partial[0]) if len(partial) else length, length)
+            attend = attend[:, P:]
+        width = length + bucket - P
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous call's copies have left these buffers
+        pad = [0] * (bucket - n)
+        self._pin_ints[: 2 * bucket + 3] = torch.tensor(tokens + pad + positions + pad + [P, width, length])
+        bits = self._pin_bits[: bucket * width].view(bucket, width)
+        bits.zero_()
+        if attend is None:
+            bits[:n, length - P : length - P + n] = torch.ones(n, n, dtype=torch.uint8).tril_()
+        else:
+            bits[:n, : attend.shape[1]] = attend.to("cpu")
+        if bucket > n:
+            r = torch.arange(n, bucket)
+            bits[r, length - P + r] = 1
+        return bucket * width
+
+    def _bucket_step(self, bucket: int, ints: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """A bucket call from its packed inputs (see _pack), all on the device: what the graph holds."""
+        P, width, length = ints[2 * bucket], ints[2 * bucket + 1], ints[2 * bucket + 2]
+        torch.add(self._rows[:bucket], length, out=self.cache.write_pos[:bucket])
+        rel = self._cols - P
+        in_block = (rel >= 0) & (rel < width)
+        idx = self._rows[:bucket, None] * width + torch.minimum(rel.clamp(min=0), width - 1)
+        allowed = (rel < 0) | (in_block & (bits[idx] != 0))
+        mask = torch.where(allowed, self._zero, self._negt).view(1, 1, bucket, self.capacity)
+        return self._bucket_forward(ints[:bucket].view(1, -1), ints[bucket : 2 * bucket].view(1, -1), mask)
+
     @torch.no_grad()
     def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = torch.as_tensor(tokens, dtype=torch.long).view(-1)
-        positions = torch.as_tensor(positions, dtype=torch.long).view(-1)
-        n = tokens.numel()
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        positions = positions.tolist() if isinstance(positions, torch.Tensor) else list(positions)
+        tokens, positions = [int(t) for t in tokens], [int(p) for p in positions]
+        n = len(tokens)
         bucket = self._bucket(n)
         rows = bucket if bucket is not None else n
         if self.length + rows > self.capacity:
             raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {rows}); "
                                "raise the fast runner's capacity")
-        mask = self._mask(n, rows, attend)
-        ids = torch.zeros(rows, dtype=torch.long)
-        ids[:n] = tokens
-        pos = torch.zeros(rows, dtype=torch.long)
-        pos[:n] = positions
-        write = torch.arange(self.length, self.length + rows)
-        if self.use_graphs and bucket is not None:
-            logits = self._replay(bucket, ids, pos, mask, write)
-        else:
-            self.cache.write_pos[:rows].copy_(write)
-            call = self._bucket_forward if bucket is not None else self._call_model
-            logits = call(ids.view(1, -1).to(self.device), pos.view(1, -1).to(self.device),
-                          mask.view(1, 1, rows, -1))[0]
+        if bucket is not None:
+            used = self._pack(tokens, positions, bucket, attend)
+            if self.use_graphs:
+                logits = self._replay(bucket, used)
+            else:
+                ints = self._pin_ints[: 2 * bucket + 3].to(self.device, copy=True)
+                bits = self._pin_bits[:used].to(self.device, copy=True)
+                logits = self._bucket_step(bucket, ints, bits)[0]
+        else:  # longer than the largest bucket (prefill): no graph, the mask built directly
+            mask = self._mask(n, rows, attend)
+            self.cache.write_pos[:rows].copy_(torch.arange(self.length, self.length + rows))
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
+            logits = self._call_model(ids, pos, mask.view(1, 1, rows, -1))[0]
         self.length += n
         self.calls += 1
         logits = logits[:n]
@@ -248,14 +304,13 @@ class GraphedRunner:
         self.length = start + n
 
     # -- CUDA graphs -------------------------------------------------------------------------------
-    def _replay(self, bucket: int, ids, pos, mask, write) -> torch.Tensor:
+    def _replay(self, bucket: int, used: int) -> torch.Tensor:
         if bucket not in self._graphs:
             self._capture(bucket)
-        graph, ids_buf, pos_buf, mask_buf, logits = self._graphs[bucket]
-        ids_buf.copy_(ids.view(1, -1), non_blocking=True)
-        pos_buf.copy_(pos.view(1, -1), non_blocking=True)
-        mask_buf.copy_(mask.view(1, 1, bucket, -1), non_blocking=True)
-        self.cache.write_pos[:bucket].copy_(write, non_blocking=True)
+        graph, ints, bits, logits = self._graphs[bucket]
+        ints.copy_(self._pin_ints[: 2 * bucket + 3], non_blocking=True)
+        bits[:used].copy_(self._pin_bits[:used], non_blocking=True)
+        self._copied.record()
         graph.replay()
         return logits[0]
 
@@ -293,22 +348,23 @@ class GraphedRunner:
 
     def _capture_one(self, bucket: int) -> tuple:
         dev = self.device
-        ids_buf = torch.zeros(1, bucket, dtype=torch.long, device=dev)
-        pos_buf = torch.zeros(1, bucket, dtype=torch.long, device=dev)
-        mask_buf = torch.zeros(1, 1, bucket, self.capacity, dtype=self.dtype, device=dev)
-        # warm-up writes must land in entries nobody reads: the last `bucket` slots
-        self.cache.write_pos[:bucket].copy_(torch.arange(self.capacity - bucket, self.capacity))
+        # warm-ups, capture and timing replays write where nobody reads: the last `bucket` slots
+        # (length = P = capacity - bucket, each row sees the prefix and itself)
+        last = self.capacity - bucket
+        ints = torch.tensor([0] * (2 * bucket) + [last, bucket, last], dtype=torch.long, device=dev)
+        bits = torch.zeros(bucket * self.capacity, dtype=torch.uint8, device=dev)
+        bits[: bucket * bucket] = torch.eye(bucket, dtype=torch.uint8, device=dev).view(-1)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # the first also compiles, when compiling
-                self._bucket_forward(ids_buf, pos_buf, mask_buf)
+                self._bucket_step(bucket, ints, bits)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
-            logits = self._bucket_forward(ids_buf, pos_buf, mask_buf)
-        self.cache.kv[:, :, :, :, self.capacity - bucket :].zero_()
-        return (graph, ids_buf, pos_buf, mask_buf, logits)
+            logits = self._bucket_step(bucket, ints, bits)
+        self.cache.kv[:, :, :, :, last:].zero_()
+        return (graph, ints, bits, logits)
 
     def capture(self, max_tokens: int) -> None:
         """Capture every bucket up to max_tokens now, so no capture happens while timing."""
