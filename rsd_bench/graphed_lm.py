@@ -13,8 +13,8 @@ compute the same function; which is faster depends on the query rows, the cache 
 kernels SDPA dispatches to (SmolLM2 on an H100, 4096-entry cache: SDPA 5.1-5.2 ms per replay at
 2-16 rows, eager 3.9-4.2 ms; at 1 row SDPA 3.3 ms, eager 3.7 ms).
 
-It computes the same function as ModelRunner: padded rows only attend to themselves (so they stay
-finite and never reach a real row), masked cache entries get zero attention weight, and the
+It computes the same function as ModelRunner: padded rows attend only to the shared prefix and
+themselves (so they stay finite and no real row ever sees them), masked cache entries get zero attention weight, and the
 buffers start zeroed so no NaN can leak through a zero weight. On the CPU the same static path
 runs without graphs, which is how the tests check it against the eager path.
 """
@@ -118,7 +118,7 @@ class GraphedRunner:
         self.calls = 0
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, bits, logits)
         self._neg = torch.finfo(self.dtype).min
-        self._rows = torch.arange(max(buckets), device=self.device)  # indices of padded rows (buckets only)
+        self._rows = torch.arange(max(buckets), device=self.device)  # row indices of a bucket call
         # Bucket calls send their inputs as two small host buffers (see _pack) and build the mask
         # and cache write positions on the device, inside the graph: a decode step's host work
         # is then a few CPU tensor ops and two copies instead of ~15 launches of mask building.
@@ -194,17 +194,17 @@ class GraphedRunner:
     def _bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def _mask(self, n: int, rows: int, attend: torch.Tensor | None) -> torch.Tensor:
-        """Additive mask [rows, capacity] built on the model's device: real rows per `attend`,
-        padded rows see only themselves.
+    def _mask(self, n: int, attend: torch.Tensor | None) -> torch.Tensor:
+        """Additive mask [n, capacity] of a call longer than the largest bucket (a prefill; bucket
+        calls build theirs inside the graph, see _bucket_step), rows per `attend`.
 
-        Built where the model runs because a [rows, capacity] tensor on the host crosses PyTorch's
+        Built where the model runs because a [n, capacity] tensor on the host crosses PyTorch's
         CPU parallelism threshold (32768 elements) at 16 rows of a 4096-entry cache: every call then
         opened an OpenMP parallel region, which cost ~35 ms per forward on the GPU machines (the
         graph replay itself took ~4 ms). Only the small `attend` block travels to the device.
         """
         dev, past = self.device, self.length
-        allowed = torch.zeros(rows, self.capacity, dtype=torch.bool, device=dev)
+        allowed = torch.zeros(n, self.capacity, dtype=torch.bool, device=dev)
         if attend is None:
             attend = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
         else:
@@ -214,10 +214,7 @@ class GraphedRunner:
             allowed[:n, past : past + n] = attend
         else:
             allowed[:n, : past + n] = attend
-        if rows > n:
-            pad = self._rows[n:rows]
-            allowed[pad, pad + past] = True
-        return torch.zeros(rows, self.capacity, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._neg)
+        return torch.zeros(n, self.capacity, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._neg)
 
     def _pack(self, tokens: list[int], positions: list[int], bucket: int, attend) -> int:
         """Write a bucket call's inputs into the host buffers; returns the bytes of `bits` used.
@@ -228,10 +225,11 @@ class GraphedRunner:
         see only the prefix and themselves, stay finite, and no real row sees them).
         """
         n, length = len(tokens), self.length
+        if attend is not None:
+            attend = attend.to("cpu", torch.bool)
         if attend is None or attend.shape[1] == n:
             P = length
         else:  # [n, length + n]: the prefix every row sees goes to P, the rest into the block
-            attend = attend.to("cpu", torch.bool)
             partial = (~attend.all(0)).nonzero()
             P = min(int(partial[0]) if len(partial) else length, length)
             attend = attend[:, P:]
@@ -245,7 +243,7 @@ class GraphedRunner:
         if attend is None:
             bits[:n, length - P : length - P + n] = torch.ones(n, n, dtype=torch.uint8).tril_()
         else:
-            bits[:n, : attend.shape[1]] = attend.to("cpu")
+            bits[:n, : attend.shape[1]] = attend
         if bucket > n:
             r = torch.arange(n, bucket)
             bits[r, length - P + r] = 1
@@ -264,9 +262,8 @@ class GraphedRunner:
 
     @torch.no_grad()
     def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        positions = positions.tolist() if isinstance(positions, torch.Tensor) else list(positions)
-        tokens, positions = [int(t) for t in tokens], [int(p) for p in positions]
+        tokens = [int(t) for t in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)]
+        positions = [int(p) for p in (positions.tolist() if isinstance(positions, torch.Tensor) else positions)]
         n = len(tokens)
         bucket = self._bucket(n)
         rows = bucket if bucket is not None else n
@@ -282,11 +279,11 @@ class GraphedRunner:
                 bits = self._pin_bits[:used].to(self.device, copy=True)
                 logits = self._bucket_step(bucket, ints, bits)[0]
         else:  # longer than the largest bucket (prefill): no graph, the mask built directly
-            mask = self._mask(n, rows, attend)
-            self.cache.write_pos[:rows].copy_(torch.arange(self.length, self.length + rows))
+            mask = self._mask(n, attend)
+            self.cache.write_pos[:n].copy_(torch.arange(self.length, self.length + n))
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
-            logits = self._call_model(ids, pos, mask.view(1, 1, rows, -1))[0]
+            logits = self._call_model(ids, pos, mask.view(1, 1, n, -1))[0]
         self.length += n
         self.calls += 1
         logits = logits[:n]
