@@ -403,8 +403,9 @@ def _aggregate_cell(g: pd.DataFrame) -> dict:
         "prompt_tokens", "new_tokens", "target_calls", "draft_calls", "decode_seconds",
         "prefill_seconds", "draft_seconds", "verify_seconds", "overhead_seconds")}
     be = metrics.block_efficiency(sums["new_tokens"], sums["target_calls"])
-    per_example_be = metrics.block_efficiency(
-        pd.to_numeric(g["new_tokens"], errors="coerce"), pd.to_numeric(g["target_calls"], errors="coerce"))
+    new_tokens = pd.to_numeric(g["new_tokens"], errors="coerce")
+    target_calls = pd.to_numeric(g["target_calls"], errors="coerce")
+    per_example_be = metrics.block_efficiency(new_tokens, target_calls)
     L = _key_value(out.get("L"))
     dp = _key_value(out.get("draft_params"))
     tp = _key_value(out.get("target_params"))
@@ -443,8 +444,7 @@ def _aggregate_cell(g: pd.DataFrame) -> dict:
         "prefill_seconds": sums["prefill_seconds"],
         "block_efficiency": be,
         "block_efficiency_example_std": float(per_example_be.std()) if n > 1 else float("nan"),
-        "block_efficiency_se": ratio_of_sums_se(pd.to_numeric(g["new_tokens"], errors="coerce"),
-                                                pd.to_numeric(g["target_calls"], errors="coerce")),
+        "block_efficiency_se": ratio_of_sums_se(new_tokens, target_calls),
         "mbsu": cell_mbsu,
         "token_rate": rate,
         "accuracy": _corpus_accuracy(g),
