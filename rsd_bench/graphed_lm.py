@@ -7,9 +7,9 @@ and values by index_copy_ at positions given in a device buffer. With fixed shap
 buffer addresses, each bucket's forward is captured once as a CUDA graph and replayed.
 
 Attention kernel per bucket (``attention="auto"``, the default on a GPU): each bucket is captured
-once with the SDPA attention and once with the plain matmul-softmax ("eager") attention, both
-graphs are timed over a few replays, and the faster is kept (`attention_choice` records it). Both
-compute the same function; which is faster depends on the query rows, the cache capacity and the
+once with the SDPA attention, once with the plain matmul-softmax ("eager") attention and, with
+compile="parts", once with tree_attention's Triton kernel ("rsd_tree"); the graphs are timed over
+a few replays, and the fastest is kept (`attention_choice` records it). All compute the same function; which is faster depends on the query rows, the cache capacity and the
 kernels SDPA dispatches to (SmolLM2 on an H100, 4096-entry cache: SDPA 5.1-5.2 ms per replay at
 2-16 rows, eager 3.9-4.2 ms; at 1 row SDPA 3.3 ms, eager 3.7 ms).
 
@@ -26,6 +26,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import kv_write, tree_attention
 from .lm import CACHE_KEYWORD
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class StaticTreeCache(Cache):
         self.num_layers = 0
         self.write_pos = torch.zeros(capacity, dtype=torch.long, device=device)
         self.n = 0  # tokens in the call in flight (padded size)
+        self.one_kernel_writes = False  # kv_write's Triton kernel (GraphedRunner's compile="parts")
 
     def allocate(self, layers: int, kv_heads: int, head_dim: int, dtype, device) -> None:
         self.num_layers = layers
@@ -53,8 +55,11 @@ class StaticTreeCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         idx = self.write_pos[: key_states.shape[-2]]
         keys, values = self.kv[layer_idx, 0], self.kv[layer_idx, 1]
-        keys.index_copy_(2, idx, key_states)
-        values.index_copy_(2, idx, value_states)
+        if self.one_kernel_writes and kv_write.supported(keys, values, key_states, value_states):
+            kv_write.write_kv(keys, values, key_states, value_states, idx)  # one launch, not two
+        else:
+            keys.index_copy_(2, idx, key_states)
+            values.index_copy_(2, idx, value_states)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -65,6 +70,9 @@ class StaticTreeCache(Cache):
 
     def get_max_length(self) -> int:
         return self.capacity
+
+
+ATTENTIONS = ("sdpa", "eager", tree_attention.NAME)
 
 
 def _set_attention(model, impl: str) -> None:
@@ -82,7 +90,7 @@ def _kv_shape(model) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, kv_heads, head_dim
 
 
-COMPILE_MODES = ("parts", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("parts", "parts-cublas", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _compile_mode(value) -> str | None:
@@ -132,16 +140,20 @@ class GraphedRunner:
         self._copied = torch.cuda.Event() if pin else None
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
-        if attention not in ("auto", "sdpa", "eager"):
-            raise ValueError(f"attention must be auto, sdpa or eager, got {attention!r}")
+        if attention not in ("auto",) + ATTENTIONS:
+            raise ValueError(f"attention must be auto, {', '.join(ATTENTIONS)}; got {attention!r}")
+        if attention == tree_attention.NAME and not tree_attention.register():
+            raise ValueError("attention rsd_tree needs Triton, which this environment lacks")
         self.attention = attention
         if attention != "auto":
             _set_attention(model, attention)
         self.attention_choice: dict[int, dict] = {}  # bucket -> {"chosen": impl, "ms": {impl: ms}}
         # torch.compile of the bucketed forwards. compile="parts": only the small elementwise ops
         # (RMSNorm, rotary, SiLU * up; fused_ops.fuse_small_ops, counts in `fused`) run as compiled
-        # kernels; cache writes and attention stay eager, which avoids the whole-cache copies of
-        # compiling the cache writes (below). True = the whole forward in default mode, or a mode
+        # kernels, and the linear layers run skinny_matmul's kernels over concatenated q/k/v and
+        # gate/up weights ("parts-cublas" leaves the matmuls to cuBLAS, for comparisons); cache
+        # writes and attention stay eager, which avoids the whole-cache copies of compiling the
+        # cache writes (below). True = the whole forward in default mode, or a mode
         # string such as "max-autotune-no-cudagraphs": measured on an H200 that is 3x SLOWER (7B
         # step 21.6 vs 6.7 ms per replay), because functionalization turns the index_copy_ cache
         # writes into copies of each layer's whole K/V plus a copy-back of the full cache (visible
@@ -151,10 +163,15 @@ class GraphedRunner:
         self.compile_mode = _compile_mode(compile)
         self._compiled = None
         self.fused: dict[str, int] = {}
-        if self.compile_mode == "parts":
+        if self.compile_mode in ("parts", "parts-cublas"):
             from .fused_ops import fuse_small_ops
 
-            self.fused = fuse_small_ops(model)
+            self.fused = fuse_small_ops(model, matmuls=self.compile_mode == "parts")
+            self.cache.one_kernel_writes = self.compile_mode == "parts"
+        # the attention kernels `attention="auto"` times per bucket
+        self.attention_candidates = ("sdpa", "eager")
+        if self.compile_mode == "parts" and tree_attention.register():
+            self.attention_candidates += (tree_attention.NAME,)
             self._compiled = self._call_fused
         elif self.compile_mode is not None:
             from .fused_ops import raise_recompile_limit
@@ -172,7 +189,7 @@ class GraphedRunner:
                           **{CACHE_KEYWORD: self.cache}).logits
 
     def _call_fused(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """compile="parts": the model's fused small ops run compiled only within this scope."""
+        """compile="parts": the model's fused ops run only within this scope."""
         from .fused_ops import enabled
 
         with enabled():
@@ -258,6 +275,7 @@ class GraphedRunner:
         idx = self._rows[:bucket, None] * width + torch.minimum(rel.clamp(min=0), width - 1)
         allowed = (rel < 0) | (in_block & (bits[idx] != 0))
         mask = torch.where(allowed, self._zero, self._negt).view(1, 1, bucket, self.capacity)
+        tree_attention.set_bound(self.cache.write_pos)  # rsd_tree reads no column past the last row's
         return self._bucket_forward(ints[:bucket].view(1, -1), ints[bucket : 2 * bucket].view(1, -1), mask)
 
     @torch.no_grad()
@@ -318,7 +336,7 @@ class GraphedRunner:
             return
         timed = {}
         try:
-            for impl in ("sdpa", "eager"):
+            for impl in self.attention_candidates:
                 _set_attention(self.model, impl)
                 entry = self._capture_one(bucket)
                 timed[impl] = (self._time_graph(entry[0]), entry)

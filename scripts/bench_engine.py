@@ -497,6 +497,8 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                         r["compile_and_capture_seconds"] = setup_s
                     if getattr(runner, "fused", None):  # compile "parts": modules fused, by kind
                         r["fused"] = runner.fused
+                    if getattr(runner, "attention_choice", None):
+                        r["attention_choice"] = {str(b): c for b, c in runner.attention_choice.items()}
                     if bw:
                         r["fraction_of_floor"] = row["floor_ms"] / r["ms_per_token"]
                         if "graph_replay_ms" in r:
@@ -510,7 +512,7 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                     log(f"AR {key} {kind} failed:\n{row[kind]['error']}")
                 finally:
                     runner = None
-                    if mode == "parts":  # later kinds and sections get the model's own forwards back
+                    if str(mode).startswith("parts"):  # later kinds and sections get the model's own forwards back
                         from rsd_bench.fused_ops import unfuse_small_ops
 
                         unfuse_small_ops(model)
@@ -613,13 +615,14 @@ def section_tree(state: State, sec: dict, budget: Budget) -> None:
                 f"({ar_ms:.2f} ms)" + (f"; graph replay alone {row['graph_ratio']:.3f} x" if "graph_ratio" in row else ""))
         sec["ar_step_ms"] = ar_ms
         sec["graph_replay_ms_by_bucket"] = replay
+        sec["attention_choice"] = {str(b): c for b, c in getattr(runner, "attention_choice", {}).items()}
         sec["results"] = rows
         sec["goal"] = "ratio <= 1.15 up to N = 16, <= 1.3 at N = 64"
         if budget.hit:
             sec["partial"] = "section budget hit"
     finally:
         runner = None
-        if a.tree_compile == "parts":  # the diagnostics and overhead sections reuse this model
+        if str(a.tree_compile).startswith("parts"):  # the diagnostics and overhead sections reuse this model
             from rsd_bench.fused_ops import unfuse_small_ops
 
             unfuse_small_ops(model)
@@ -640,7 +643,7 @@ def _dev_time(evt) -> float:
 
 def _kernel_kind(name: str) -> str:
     n = name.lower()
-    if any(k in n for k in ("gemv", "gemm", "cutlass", "sm90_xmma", "cublas", "nvjet", "splitk")):
+    if any(k in n for k in ("gemv", "gemm", "cutlass", "sm90_xmma", "cublas", "nvjet", "splitk", "_dot_kernel")):
         return "matmul"
     if any(k in n for k in ("fmha", "attention", "flash", "efficient", "softmax")):
         return "attention"
@@ -690,7 +693,7 @@ def profile_forward(runner_fn, dev) -> dict:
         out["gpu_kernels"] = sum(v[0] for v in by_name.values())
         out["gpu_kernel_ms_total"] = total / 1e3
         out["gpu_ms_by_kind"] = {k: v / 1e3 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]
+        top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
         out["top_kernels"] = [{"name": k[:120], "calls": c, "ms": us / 1e3} for k, (c, us) in top]
     else:
         top = sorted(avgs, key=lambda e: -e.self_cpu_time_total)[:8]
@@ -729,7 +732,10 @@ def section_diagnostics(state: State, sec: dict, budget: Budget) -> None:
         host["h2d_copy"] = h2d
     model = state.random_model("7b")
     vocab = state.shapes["7b"]["vocab"]
-    runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity, use_graphs=False)
+    # the un-graphed step runs the same kernels the tree section's graphs hold (--tree-compile)
+    runner = GraphedRunner(model, vocab_size=vocab, capacity=a.capacity, use_graphs=False,
+                           compile=a.tree_compile or False)
+    sec["compile"] = a.tree_compile or "none"
     try:
         ctx = a.context
         runner.reset(ctx + 16)
@@ -805,6 +811,10 @@ def section_diagnostics(state: State, sec: dict, budget: Budget) -> None:
             log("diagnostics: host " + json.dumps(host, default=lambda v: round(v, 1)))
     finally:
         runner = None
+        if str(a.tree_compile).startswith("parts"):  # the overhead section reuses this model
+            from rsd_bench.fused_ops import unfuse_small_ops
+
+            unfuse_small_ops(model)
         free_memory(dev)
 
 
@@ -872,8 +882,10 @@ def section_overhead(state: State, sec: dict, budget: Budget) -> None:
     draft_model = build_random_llama(state.shapes["draft"], state.dtype, state.dev, a.seed + 68)
     n_new = a.overhead_new_tokens
     cap = max(a.capacity, a.context + n_new + 64 + 128 + 64)
-    target = GraphedRunner(target_model, vocab_size=vocab, capacity=cap)
-    draft = GraphedRunner(draft_model, vocab_size=vocab, capacity=cap)
+    # the fast mode as the tree section ran it (--tree-compile): faster forwards raise the share
+    target = GraphedRunner(target_model, vocab_size=vocab, capacity=cap, compile=a.tree_compile or False)
+    draft = GraphedRunner(draft_model, vocab_size=vocab, capacity=cap, compile=a.tree_compile or False)
+    sec["compile"] = a.tree_compile or "none"
     sec["note"] = ("random weights: target and draft are two unrelated, fairly flat distributions, so the "
                    "acceptance (see block_efficiency) is not that of a trained pair; the overhead share is "
                    "measured at whatever acceptance they give")
@@ -923,6 +935,10 @@ def section_overhead(state: State, sec: dict, budget: Budget) -> None:
             sec["partial"] = "section budget hit"
     finally:
         target = draft = draft_model = None
+        if str(a.tree_compile).startswith("parts"):
+            from rsd_bench.fused_ops import unfuse_small_ops
+
+            unfuse_small_ops(target_model)
         free_memory(state.dev)
 
 
@@ -1606,6 +1622,9 @@ def main(argv=None) -> int:
         write_json(args.out, report)
     state.drop_model()
     state.drop_pair()
+    from rsd_bench import skinny_matmul
+
+    report["skinny_matmul_choices"] = skinny_matmul.choices()  # kernel picked per (shape, rows)
     lines = summary_lines(report)
     report["summary"] = "\n".join(lines)
     report["meta"]["seconds"] = time.perf_counter() - T0

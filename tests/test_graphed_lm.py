@@ -146,7 +146,10 @@ def test_parts_compile_matches(models, restore_rotary):
         got[name] = (res, logits, tr)
     runner = got["parts"][2]
     assert runner.compile_mode == "parts" and got["plain"][2].compile_mode is None
-    assert runner.fused == {"rms_norm": 5, "silu_mul": 2, "rotary": 2} and got["plain"][2].fused == {}
+    # 2 layers: q/k/v and gate/up concatenated per layer; o, gate, up, down per layer + lm_head
+    assert runner.fused == {"rms_norm": 5, "silu_mul": 2, "rotary": 2, "add_rms_norm": 2, "qkv": 2,
+                            "gate_up": 2, "linear": 9}
+    assert got["plain"][2].fused == {}
     assert got["plain"][0].tokens == got["parts"][0].tokens
     # the three compiled functions (RMSNorm, SiLU * up, rotary) ran: no silent fallback to eager
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -167,9 +170,15 @@ def test_fuse_small_ops_counts_idempotent_and_inert_outside_scope(restore_rotary
     with torch.no_grad():
         before = model(ids).logits
     counts = fused_ops.fuse_small_ops(model)
-    assert counts == {"rms_norm": 2 * 3 + 1, "silu_mul": 3, "rotary": 3}
+    assert counts == {"rms_norm": 2 * 3 + 1, "silu_mul": 3, "rotary": 3, "add_rms_norm": 3, "qkv": 3, "gate_up": 3,
+                      "linear": 4 * 3 + 1}
     patched = {name: m.__dict__["forward"] for name, m in model.named_modules() if "forward" in m.__dict__}
-    assert len(patched) == counts["rms_norm"] + counts["silu_mul"]  # instances, not classes
+    # instances, not classes: q, k and v of each fused attention are patched too
+    assert len(patched) == (counts["rms_norm"] + counts["silu_mul"] + counts["add_rms_norm"] + counts["linear"]
+                            + 3 * counts["qkv"])
+    attn = model.model.layers[0].self_attn
+    qkv = attn.q_proj._rsd_qkv  # one weight; the modules' weights are views of its row blocks
+    assert attn.k_proj.weight.data_ptr() == qkv[attn.q_proj.weight.shape[0]:].data_ptr()
     assert type(model.model.norm).forward is modeling_llama.LlamaRMSNorm.forward  # class untouched
     dispatcher = modeling_llama.apply_rotary_pos_emb
     assert dispatcher is not original_rotary and dispatcher._rsd_fused_original is original_rotary
