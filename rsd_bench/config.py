@@ -20,9 +20,10 @@ class PairConfig:
     attn_implementation: str = "sdpa"
     fast: str = "auto"  # static cache + CUDA graphs: auto (on GPU) | true | false
     max_context: int = 2048  # static cache size in the fast mode
-    # fast mode: "parts" = torch.compile of the small elementwise ops only (RMSNorm, rotary,
-    # SiLU*up; 7B decode 7.55 -> 5.84 ms on an H200), "none" = plain graphs, or a torch.compile
-    # mode for the whole forward (slower: see GraphedRunner)
+    # fast mode: "parts" = compiled small ops (RMSNorm, rotary, SiLU*up, residual add + norm) and
+    # Triton kernels for matmuls, KV writes and tree attention (7B decode on an H200: 7.55 ms
+    # plain graphs -> 4.2-4.4 ms); "parts-cublas" = the compiled small ops only; "none" = plain
+    # graphs; or a torch.compile mode for the whole forward (slower: see GraphedRunner)
     compile: str = "parts"
     # datasets this pair is evaluated on in multi-dataset sweeps (empty = all); the paper runs
     # base models on WMT and XSum only and chat models on Dolly too

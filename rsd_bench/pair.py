@@ -175,8 +175,8 @@ def load_pair(target: str, draft: str | None = None, *, dtype: str | torch.dtype
 
     fast: use GraphedRunner (static cache + CUDA graphs); "auto" = on a GPU. Its cache holds
     max_context entries (prompt + new tokens + tree + 128 of slack must fit). compile: the fast
-    runners' torch.compile mode (GraphedRunner's `compile`; "parts" fuses the small ops only,
-    "none" turns it off); ignored when not fast.
+    runners' kernels (GraphedRunner's `compile`; "parts" = fused small ops and Triton kernels,
+    "parts-cublas" = fused small ops only, "none" = plain graphs); ignored when not fast.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
