@@ -168,10 +168,6 @@ class GraphedRunner:
 
             self.fused = fuse_small_ops(model, matmuls=self.compile_mode == "parts")
             self.cache.one_kernel_writes = self.compile_mode == "parts"
-        # the attention kernels `attention="auto"` times per bucket
-        self.attention_candidates = ("sdpa", "eager")
-        if self.compile_mode == "parts" and tree_attention.register():
-            self.attention_candidates += (tree_attention.NAME,)
             self._compiled = self._call_fused
         elif self.compile_mode is not None:
             from .fused_ops import raise_recompile_limit
@@ -179,6 +175,10 @@ class GraphedRunner:
             mode = None if self.compile_mode == "default" else self.compile_mode
             raise_recompile_limit()  # one compiled variant per (runner, bucket, attention kernel)
             self._compiled = torch.compile(self._call_model, dynamic=False, mode=mode)
+        # the attention kernels `attention="auto"` times per bucket
+        self.attention_candidates = ("sdpa", "eager")
+        if self.compile_mode == "parts" and tree_attention.register():
+            self.attention_candidates += (tree_attention.NAME,)
 
     @staticmethod
     def buckets_default() -> tuple[int, ...]:

@@ -215,3 +215,14 @@ def test_load_pair_passes_compile_to_the_fast_runners():
     assert pair.target.compile_mode is None and pair.draft.compile_mode is None
     with pytest.raises(ValueError, match="compile must be"):
         load_pair("random-llama:layers=1,hidden=32,seed=0", device="cpu", fast=True, compile="fast")
+
+
+def test_parts_modes_run_the_fused_forward(restore_rotary):
+    """Both "parts" modes go through the fused-ops scope, never a whole-forward torch.compile
+    (which rejects their names); only "parts" adds the Triton kernels (matmuls, KV write)."""
+    from rsd_bench.tiny_models import tiny_llama
+
+    for mode, matmuls in (("parts", True), ("parts-cublas", False)):
+        runner = GraphedRunner(tiny_llama(layers=1, seed=7), capacity=64, compile=mode)
+        assert runner._compiled == runner._call_fused
+        assert ("linear" in runner.fused) is matmuls and runner.cache.one_kernel_writes is matmuls
