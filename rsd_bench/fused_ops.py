@@ -404,9 +404,10 @@ def fuse_small_ops(model: torch.nn.Module, matmuls: bool = True) -> dict:
                 module.forward = types.MethodType(_norm_forward, module)
                 kind = "rms_norm"
             elif _is_silu_mlp(module):
-                if matmuls:
+                # _mlp_forward splits the product in halves: only equal-shaped gate/up share a weight
+                if matmuls and module.gate_proj.weight.shape == module.up_proj.weight.shape:
                     gate_up = _concat_rows([module.gate_proj, module.up_proj])
-                    if gate_up is not None and module.gate_proj.weight.shape == module.up_proj.weight.shape:
+                    if gate_up is not None:
                         module._rsd_gate_up = gate_up
                 module.forward = types.MethodType(_mlp_forward, module)
                 kind = "silu_mul"

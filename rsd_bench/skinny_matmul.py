@@ -13,10 +13,11 @@ loads and several blocks in flight, for up to `MAX_ROWS` rows of input:
   of 16 nodes reads the weights exactly once, like one row.
 
 Both accumulate in float32 and round once to the output dtype, like cuBLAS; only the summation
-order differs. Configurations come from `scripts/bench_matmul.py` (timed on the GPU per shape);
-`CONFIGS` holds the defaults it chose. On a machine without Triton or a GPU, `available()` is
-False and callers keep F.linear. Under TRITON_INTERPRET=1 the kernels run on the CPU, which is
-how the tests check them against F.linear.
+order differs. `CANDIDATES` are the launch configurations that won `scripts/bench_matmul.py`'s
+sweep; on a GPU `choose` times them and cuBLAS once per shape and rows bucket and keeps the
+fastest. On a machine without Triton or a GPU, `available()` is False and callers keep
+F.linear. Under TRITON_INTERPRET=1 the kernels run on the CPU, which is how the tests check them
+against float64 products.
 """
 
 from __future__ import annotations

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--copy-reps", type=int, default=None)
     g.add_argument("--compile", default="", help="AR section: also time the fast runner with torch.compile "
                    "in these modes, comma list (e.g. default,max-autotune-no-cudagraphs); empty = skip")
-    g.add_argument("--tree-compile", default="", help="tree section: compile mode of the fast runner "
-                   "(empty = uncompiled)")
+    g.add_argument("--tree-compile", default="", help="tree, diagnostics and overhead sections: compile "
+                   "mode of their fast runners, e.g. parts (empty = uncompiled)")
     g.add_argument("--tree-sizes", default=None, help="tree node counts, e.g. 3,6,16,32,64")
     g.add_argument("--tree-reps", type=int, default=None)
     g.add_argument("--overhead-methods", default=None)
@@ -446,6 +446,15 @@ def time_ar(runner, dev, context: int, steps: int, warmup: int, vocab: int, budg
     return out
 
 
+def unfuse_if_parts(model, mode) -> None:
+    """After a runner of compile mode `mode` is done: give a model patched by the "parts" modes
+    its own forwards back, so later kinds and sections sharing it run unpatched unless they ask."""
+    if str(mode).startswith("parts"):
+        from rsd_bench.fused_ops import unfuse_small_ops
+
+        unfuse_small_ops(model)
+
+
 def section_ar(state: State, sec: dict, budget: Budget) -> None:
     from rsd_bench.graphed_lm import GraphedRunner
     from rsd_bench.lm import ModelRunner
@@ -512,10 +521,7 @@ def section_ar(state: State, sec: dict, budget: Budget) -> None:
                     log(f"AR {key} {kind} failed:\n{row[kind]['error']}")
                 finally:
                     runner = None
-                    if str(mode).startswith("parts"):  # later kinds and sections get the model's own forwards back
-                        from rsd_bench.fused_ops import unfuse_small_ops
-
-                        unfuse_small_ops(model)
+                    unfuse_if_parts(model, mode)  # later kinds and sections get the model's own forwards back
                     free_memory(state.dev)
         except Exception:
             row["error"] = _err()
@@ -622,10 +628,7 @@ def section_tree(state: State, sec: dict, budget: Budget) -> None:
             sec["partial"] = "section budget hit"
     finally:
         runner = None
-        if str(a.tree_compile).startswith("parts"):  # the diagnostics and overhead sections reuse this model
-            from rsd_bench.fused_ops import unfuse_small_ops
-
-            unfuse_small_ops(model)
+        unfuse_if_parts(model, a.tree_compile)  # the diagnostics and overhead sections reuse this model
         free_memory(state.dev)
 
 
@@ -811,10 +814,7 @@ def section_diagnostics(state: State, sec: dict, budget: Budget) -> None:
             log("diagnostics: host " + json.dumps(host, default=lambda v: round(v, 1)))
     finally:
         runner = None
-        if str(a.tree_compile).startswith("parts"):  # the overhead section reuses this model
-            from rsd_bench.fused_ops import unfuse_small_ops
-
-            unfuse_small_ops(model)
+        unfuse_if_parts(model, a.tree_compile)  # the overhead section reuses this model
         free_memory(dev)
 
 
@@ -935,10 +935,7 @@ def section_overhead(state: State, sec: dict, budget: Budget) -> None:
             sec["partial"] = "section budget hit"
     finally:
         target = draft = draft_model = None
-        if str(a.tree_compile).startswith("parts"):
-            from rsd_bench.fused_ops import unfuse_small_ops
-
-            unfuse_small_ops(target_model)
+        unfuse_if_parts(target_model, a.tree_compile)
         free_memory(state.dev)
 
 
