@@ -15,8 +15,9 @@ import torch
 
 from .lm import ModelRunner, Stopwatch
 from .methods import Method, get_method
-from .sampling import sample, to_probs
+from .sampling import to_probs
 from .tree import DraftTree
+from .verify import decide, walk
 
 
 class PromptTooLongError(ValueError):
@@ -173,21 +174,13 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
 
         watch.switch("overhead")
         target_probs = to_probs(logits[:, :vocab_size], temperature, top_p)
-        node, path = 0, []
-        while True:
-            proposals = tree.proposals[node]
-            if not proposals:  # leaf: the bonus token comes from the target
-                last = sample(target_probs[node], gen)
-                break
-            d = tree.depth[node]
+        choice, token = decide(method.verify_children, tree, target_probs, settings, gen)
+        w = walk(tree, choice, token)
+        path, last = w.path, w.last
+        for d in w.depths_tried:
             result.depth_attempts[d] += 1
-            j, last = method.verify_children(target_probs[node], tree.draft_probs[node],
-                                             [tree.tokens[c] for c in proposals], settings, gen)
-            if j is None:
-                break
+        for d in range(len(path)):
             result.depth_accepts[d] += 1
-            node = proposals[j]
-            path.append(node)
 
         target.keep(root_pos, [0] + path)
         if session is not None:

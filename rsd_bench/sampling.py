@@ -39,15 +39,29 @@ def gumbel(gen: torch.Generator, shape, device=None) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of (unnormalised) probabilities, as a device tensor: no host sync.
+
+    Exponential race: with E_i ~ Exp(1) i.i.d., argmax_i p_i / E_i = argmin_i E_i / p_i is token i
+    with probability p_i / sum(p), and a zero-probability token can never win. torch.multinomial
+    draws the same way but first validates its input with two host synchronisations on a GPU,
+    which cost more than the draw itself at every draft step and verified node.
+    """
+    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=gen)
+    # exponential_ excludes 0 in current PyTorch; the clamp keeps p / E finite regardless
+    return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
+
+
 def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     """One token from a probability vector (host int)."""
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return int(sample_rows(probs, gen))
 
 
 def normalize(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """weights / sum, or `fallback` when the weights vanish (residuals of identical distributions).
+    """weights / sum over the last dimension, or `fallback` where the weights vanish (residuals of
+    identical distributions); rows of a 2-D tensor independently.
 
     Decided on the device: a host test of the sum would stall the GPU queue once per rejection.
     """
-    total = weights.sum()
+    total = weights.sum(-1, keepdim=True)
     return torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), fallback)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from rsd_bench.engine import generate
 from rsd_bench.lm import ModelRunner
 from rsd_bench.methods import Method, get_method
 from rsd_bench.methods.kseq import kseq_verify
-from rsd_bench.sampling import normalize, sample, uniform
+from rsd_bench.sampling import normalize, sample_rows, uniform
 
 from stats import ALPHA, chi_square_pvalue
 from table_lm import TableLM, exact_distribution, random_table
@@ -85,10 +86,13 @@ def test_exact_with_top_p():
 
 def rrs_without_residual_update(target_p, draft_p, proposals, settings, gen):
     """Recursive rejection sampling that forgets to update R (and Q) after a rejection."""
-    for j, x in enumerate(proposals):
-        if bool(uniform(gen) * draft_p[x] < target_p[x]):
-            return j, None
-    return None, sample(normalize((target_p - draft_p).clamp_min(0), target_p), gen)
+    choice = torch.full((proposals.shape[0],), -1, dtype=torch.long)
+    for j in range(proposals.shape[1]):
+        x = proposals[:, j : j + 1].clamp_min(0)
+        u = uniform(gen, (proposals.shape[0],))
+        accept = (proposals[:, j] >= 0) & (choice < 0) & (u * draft_p.gather(1, x)[:, 0] < target_p.gather(1, x)[:, 0])
+        choice = torch.where(accept, j, choice)
+    return choice, sample_rows(normalize((target_p - draft_p).clamp_min(0), target_p), gen)
 
 
 @pytest.mark.slow

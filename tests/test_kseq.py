@@ -1,10 +1,10 @@
 """K-SEQ's rho search: the returned rho is never below rho* (so the residual needs no clipping and the
-verifier is exact) and overshoots it by at most the final bracket, (k - 1) / 63**3."""
+verifier is exact) and overshoots it by at most the final bracket, (k - 1) / (POINTS - 1)**ROUNDS; rows solve independently."""
 
 import pytest
 import torch
 
-from rsd_bench.methods.kseq import kseq_residual, solve_rho
+from rsd_bench.methods.kseq import POINTS, ROUNDS, kseq_residual, solve_rho
 
 
 def _f(t, d, k, rho):
@@ -37,7 +37,7 @@ def test_rho_is_an_upper_bracket_of_rho_star(k):
             assert float(rho) == 1.0
             continue
         assert float(rho) >= star - 1e-12
-        assert float(rho) - star <= (k - 1) / 63**3 + 1e-12
+        assert float(rho) - star <= (k - 1) / (POINTS - 1) ** ROUNDS + 1e-12
         assert _f(t, d, k, float(rho)) <= 1e-12
         residual = kseq_residual(t.float(), d.float(), rho, beta, k)
         assert float(residual.sum()) == pytest.approx(1.0, abs=1e-5) and float(residual.min()) >= 0
@@ -49,3 +49,17 @@ def test_disjoint_supports_give_the_target_as_residual():
     rho, beta = solve_rho(t, d, 3)
     assert float(beta) == 0.0
     assert torch.allclose(kseq_residual(t, d, rho, beta, 3), t)
+
+
+def test_rows_solve_as_single_rows_with_their_own_k():
+    g = torch.Generator().manual_seed(7)
+    t = torch.softmax(torch.randn(4, 50, generator=g) * 3, -1).double()
+    d = torch.softmax(torch.randn(4, 50, generator=g) * 3, -1).double()
+    k = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64)
+    rho, beta = solve_rho(t, d, k)
+    residual = kseq_residual(t, d, rho, beta, k)
+    for i in range(4):
+        r1, b1 = solve_rho(t[i], d[i], int(k[i]))
+        assert float(rho[i]) == pytest.approx(float(r1), abs=1e-12)
+        assert float(beta[i]) == pytest.approx(float(b1), abs=1e-12)
+        assert torch.allclose(residual[i], kseq_residual(t[i], d[i], r1, b1, int(k[i])), atol=1e-7)

@@ -3,10 +3,15 @@
 - `draft_tree(tree, draft, settings, gen)`: grow the draft tree. `draft(nodes)` runs ONE batched
   draft forward over those nodes and returns their draft distributions (float32 [len, V]); it
   also records them in `tree.draft_probs`. Nodes must be in the tree and their parents drafted.
-- `verify_children(target_p, draft_p, proposals, settings, gen)`: decide at one node. `proposals`
-  are the proposed child tokens in verification order (host ints). Return (j, None) to accept
-  proposal j, or (None, token) when every proposal is rejected and `token` was sampled from the
-  residual. The engine samples the bonus token from the target at nodes without proposals.
+- `verify_children(target_p, draft_p, proposals, settings, gen)`: decide at a batch of nodes,
+  one row each: target_p and draft_p are float32 [n, V]; `proposals` is a long tensor [n, k] on
+  the same device holding each node's proposed child tokens in verification order, padded with
+  -1 where a node has fewer than k. Return (choice, token), long tensors [n]: choice is the
+  index of the accepted proposal or -1 when every proposal is rejected, and token a sample from
+  the residual (read only where choice is -1). The engine calls it once per block for every
+  node with proposals, reads the answers with one host synchronisation and walks from the
+  root; so stay on the device (no .item() / .tolist()), and draw each row's randomness
+  independently. The engine samples the bonus token from the target at nodes without proposals.
 
 Adding a method never touches the engine loop: write the two functions and `register(Method(...))`.
 """
@@ -22,7 +27,7 @@ from ..tree import DraftTree
 
 DraftFn = Callable[[list[int]], torch.Tensor]
 DraftTreeFn = Callable[[DraftTree, DraftFn, dict, torch.Generator], None]
-VerifyFn = Callable[[torch.Tensor, torch.Tensor, list[int], dict, torch.Generator], tuple]
+VerifyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Generator], tuple]
 
 
 @dataclass(frozen=True)

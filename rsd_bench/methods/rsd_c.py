@@ -8,6 +8,8 @@ are never drawn, so a node may get fewer than b_l children.
 
 import math
 
+import torch
+
 from ..sampling import gumbel
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
@@ -28,10 +30,11 @@ def draft_constant_branching(tree, draft, settings, gen) -> None:
         probs = draft(frontier)
         scores = probs.log() + gumbel(gen, probs.shape, probs.device)
         values, tokens = scores.topk(min(b, probs.shape[-1]), dim=-1)
-        values, tokens = values.tolist(), tokens.tolist()
+        # one host read for both (token ids are exact in float64)
+        values, tokens = torch.stack([values.double(), tokens.double()]).tolist()
         nxt = []
         for parent, vals, toks in zip(frontier, values, tokens):
-            nxt += [tree.propose(parent, x) for v, x in zip(vals, toks) if v != -math.inf]
+            nxt += [tree.propose(parent, int(x)) for v, x in zip(vals, toks) if v != -math.inf]
         frontier = nxt
 
 

@@ -30,24 +30,27 @@ def shift_gumbel(perturbed: torch.Tensor, target_max: torch.Tensor) -> torch.Ten
 def draft_stochastic_beam(tree, draft, settings, gen) -> None:
     width = settings["W"]
     frontier = [0]
-    phi = torch.zeros(1, dtype=torch.float64)
-    score = torch.zeros(1, dtype=torch.float64)
+    phi = score = None  # per beam item, float64 on the draft's device
     for _ in range(settings["L"]):
         probs = draft(frontier)
         dev = probs.device
+        if phi is None:
+            phi = score = torch.zeros(1, dtype=torch.float64, device=dev)
         logp = probs.double().log()
-        child_phi = phi.to(dev)[:, None] + logp
+        child_phi = phi[:, None] + logp
         perturbed = child_phi + gumbel(gen, probs.shape, dev).double()
-        shifted = shift_gumbel(perturbed, score.to(dev))
+        shifted = shift_gumbel(perturbed, score)
         vocab = probs.shape[-1]
         values, flat = shifted.view(-1).topk(min(width, shifted.numel()))
-        keep = values > -math.inf
-        values, flat = values[keep], flat[keep]
-        new_phi = child_phi.view(-1)[flat].cpu()
-        flat_list = flat.tolist()
+        # one host read per level (flat indices < W * V are exact in float64)
+        kept = [(i, int(f)) for i, (v, f) in enumerate(zip(*torch.stack([values, flat.double()]).tolist()))
+                if v > -math.inf]
+        if len(kept) < len(flat):  # children of zero draft probability never survive
+            idx = torch.tensor([i for i, _ in kept], dtype=torch.long, device=dev)
+            values, flat = values[idx], flat[idx]
         # global descending order => each parent's children are proposed in their draw order
-        frontier = [tree.propose(frontier[i // vocab], i % vocab) for i in flat_list]
-        phi, score = new_phi, values.cpu()
+        frontier = [tree.propose(frontier[f // vocab], f % vocab) for _, f in kept]
+        phi, score = child_phi.view(-1)[flat], values
 
 
 def _resolve(s: dict) -> dict:

@@ -5,8 +5,7 @@ repeats: they are i.i.d. draws from the draft at that node, as K-SEQ requires. C
 the accepted token are exactly those passing through the accepted child.
 """
 
-import torch
-
+from ..sampling import sample_rows
 from .kseq import kseq_verify
 from .registry import Method, register
 
@@ -18,7 +17,7 @@ def draft_k_chains(tree, draft, settings, gen) -> None:
         probs = draft(frontier)
         row = {node: i for i, node in enumerate(frontier)}
         per_chain = probs[[row[n] for n in chain_node]]
-        tokens = torch.multinomial(per_chain, 1, generator=gen).view(-1).tolist()
+        tokens = sample_rows(per_chain, gen).tolist()
         chain_node = [tree.propose(n, x) for n, x in zip(chain_node, tokens)]
 
 
