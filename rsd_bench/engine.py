@@ -85,12 +85,15 @@ class _DraftSession:
             if missing:
                 raise RuntimeError(f"draft() got nodes already drafted or whose parent is not drafted: {missing}")
             past = runner.length
-            attend = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
-            attend[:, : self.base + self.pending] = True  # context, pending tokens and the root
-            for i, node in enumerate(nodes):
-                for a in tree.ancestors(node)[1:-1]:
-                    attend[i, self.base + self.slot[a]] = True
-                attend[i, past + i] = True
+            if len(nodes) == 1 and len(self.slot) == tree.depth[nodes[0]]:
+                attend = None  # a chain: everything cached is this node's context and ancestors
+            else:
+                attend = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
+                attend[:, : self.base + self.pending] = True  # context, pending tokens and the root
+                for i, node in enumerate(nodes):
+                    for a in tree.ancestors(node)[1:-1]:
+                        attend[i, self.base + self.slot[a]] = True
+                    attend[i, past + i] = True
             positions = [root_pos + tree.depth[n] for n in nodes]
             logits = runner.forward([tree.tokens[n] for n in nodes], positions, attend)
             for i, node in enumerate(nodes):
