@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overhead-methods", default=None)
     g.add_argument("--overhead-L", type=int, default=None)
     g.add_argument("--overhead-new-tokens", type=int, default=None)
+    g.add_argument("--overhead-profile", action="store_true", help="overhead section: also run each method "
+                   "once under cProfile and report the functions with the most host time")
     g = p.add_argument_group("e2e / equivalence (a real pair)")
     g.add_argument("--pair-target", default=None, help="target model spec (default smollm2; "
                    "any rsd_bench.pair spec: random-llama:..., a local dir, ...)")
@@ -871,6 +873,27 @@ def _result_row(res) -> dict:
     }
 
 
+def _host_profile(run, blocks: int, top: int = 20) -> list[dict]:
+    """The functions with the most own time (cProfile's tottime) in one run, in us per block.
+
+    cProfile slows Python down, so the absolute numbers overstate; the ranking is what it is for.
+    Time a host thread spends waiting for the GPU shows up in the call that waits (.tolist(),
+    .item(), Event.synchronize).
+    """
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive, tottime, cumtime, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}({name})" if f != "~" else name,
+             "calls_per_block": round(v[0] / blocks, 2), "own_us_per_block": round(v[2] / blocks * 1e6, 1),
+             "cumulative_us_per_block": round(v[3] / blocks * 1e6, 1)} for (f, line, name), v in rows]
+
+
 def section_overhead(state: State, sec: dict, budget: Budget) -> None:
     from rsd_bench.engine import generate
     from rsd_bench.graphed_lm import GraphedRunner
@@ -923,6 +946,10 @@ def section_overhead(state: State, sec: dict, budget: Budget) -> None:
                     "overhead_seconds": res2.overhead_seconds,
                 }
                 row["meets_goal"] = row["overhead_fraction"] is not None and row["overhead_fraction"] <= 0.10
+                if a.overhead_profile:
+                    row["host_profile"] = _host_profile(lambda: generate(
+                        target, draft, prompt, name, a.overhead_L, max_new_tokens=n_new, seed=a.seed, **common),
+                        blocks=res.target_calls)
                 log(f"overhead {name} L={a.overhead_L}: {row['ms_per_block']:.2f} ms/block, overhead phase "
                     f"{row['overhead_fraction']:.1%} of decode; outside all forwards "
                     f"{row['instrumented']['outside_forwards_fraction']:.1%} (instrumented); "
