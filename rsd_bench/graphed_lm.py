@@ -138,6 +138,7 @@ class GraphedRunner:
         self._pin_ints = torch.zeros(2 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
         self._pin_bits = torch.zeros(max(buckets) * capacity, dtype=torch.uint8, pin_memory=pin)
         self._copied = torch.cuda.Event() if pin else None
+        self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
         if attention not in ("auto",) + ATTENTIONS:
@@ -258,7 +259,7 @@ class GraphedRunner:
         bits = self._pin_bits[: bucket * width].view(bucket, width)
         bits.zero_()
         if attend is None:
-            bits[:n, length - P : length - P + n] = torch.ones(n, n, dtype=torch.uint8).tril_()
+            bits[:n, length - P : length - P + n] = self._tril[:n, :n]
         else:
             bits[:n, : attend.shape[1]] = attend
         if bucket > n:

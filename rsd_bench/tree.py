@@ -70,7 +70,10 @@ class DraftTree:
     def ancestor_mask(self, nodes: list[int] | None = None) -> torch.Tensor:
         """Bool [len(nodes), len(self)]: row i marks the ancestors of nodes[i] and itself."""
         nodes = list(range(len(self))) if nodes is None else nodes
-        mask = torch.zeros(len(nodes), len(self), dtype=torch.bool)
-        for i, node in enumerate(nodes):
-            mask[i, self.ancestors(node)] = True
-        return mask
+        rows = []
+        for node in nodes:  # built as host lists: one tensor op instead of one per row
+            row = [False] * len(self)
+            for a in self.ancestors(node):
+                row[a] = True
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.bool).view(len(nodes), len(self))

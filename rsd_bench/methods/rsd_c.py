@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..sampling import gumbel
+from ..sampling import gumbel, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
 
@@ -29,7 +29,7 @@ def draft_constant_branching(tree, draft, settings, gen) -> None:
     for b in settings["branching"]:
         probs = draft(frontier)
         scores = probs.log() + gumbel(gen, probs.shape, probs.device)
-        values, tokens = scores.topk(min(b, probs.shape[-1]), dim=-1)
+        values, tokens = top_k(scores, min(b, probs.shape[-1]))
         # one host read for both (token ids are exact in float64)
         values, tokens = torch.stack([values.double(), tokens.double()]).tolist()
         nxt = []

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..sampling import gumbel
+from ..sampling import gumbel, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
 
@@ -41,7 +41,7 @@ def draft_stochastic_beam(tree, draft, settings, gen) -> None:
         perturbed = child_phi + gumbel(gen, probs.shape, dev).double()
         shifted = shift_gumbel(perturbed, score)
         vocab = probs.shape[-1]
-        values, flat = shifted.view(-1).topk(min(width, shifted.numel()))
+        values, flat = top_k(shifted.view(-1), min(width, shifted.numel()))
         # one host read per level (flat indices < W * V are exact in float64)
         kept = [(i, int(f)) for i, (v, f) in enumerate(zip(*torch.stack([values, flat.double()]).tolist()))
                 if v > -math.inf]

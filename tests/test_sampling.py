@@ -1,0 +1,48 @@
+"""The sampling primitives every method draws through: exact draws, row-wise normalisation, top-k."""
+
+import pytest
+import torch
+
+from rsd_bench.sampling import normalize, sample_rows, top_k_by_argmax
+
+from stats import ALPHA, chi_square_pvalue
+
+
+def test_sample_rows_draws_each_row_from_its_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.5, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws = sample_rows(probs.repeat(n, 1), gen).view(n, 2)
+    for row in range(2):
+        samples = [(int(x),) for x in draws[:, row]]
+        exact = {(i,): float(p) for i, p in enumerate(probs[row])}
+        pvalue, stat, dof = chi_square_pvalue(samples, exact)  # a zero-probability draw gives p = 0
+        assert pvalue >= ALPHA, f"row {row}: chi2={stat:.1f} dof={dof} p={pvalue:.2e}"
+
+
+def test_sample_rows_accepts_unnormalised_weights():
+    gen = torch.Generator().manual_seed(1)
+    draws = sample_rows(torch.tensor([[0.0, 3.0, 0.0]]).repeat(100, 1), gen)
+    assert draws.eq(1).all()
+
+
+def test_normalize_rows_and_fallback():
+    w = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    fallback = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    assert torch.equal(normalize(w, fallback), torch.tensor([[0.25, 0.75], [0.2, 0.8]]))
+    assert torch.equal(normalize(torch.tensor([2.0, 2.0]), torch.zeros(2)), torch.tensor([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_by_argmax_matches_topk(dtype):
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(4, 300, generator=g, dtype=dtype)
+    scores[1, :298] = -torch.inf  # fewer finite entries than k: -inf values come back, callers drop them
+    for k in (1, 2, 4):
+        values, indices = top_k_by_argmax(scores, k)
+        ref_values, ref_indices = scores.topk(k, dim=-1)
+        assert torch.equal(values, ref_values)
+        finite = ref_values > -torch.inf
+        assert torch.equal(indices[finite], ref_indices[finite])
+    flat_values, flat_indices = top_k_by_argmax(scores.view(-1), 3)  # RSD-S's flattened beam
+    assert torch.equal(flat_values, scores.view(-1).topk(3).values)
