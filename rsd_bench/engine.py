@@ -176,8 +176,8 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             trace("target", seq, tree, list(range(len(tree))), logits)
 
         watch.switch("overhead")
-        target_probs = to_probs(logits[:, :vocab_size], temperature, top_p)
-        choice, token = decide(method.verify_children, tree, target_probs, settings, gen)
+        choice, token = decide(method.verify_children, tree, logits[:, :vocab_size], settings, gen,
+                               temperature, top_p)
         w = walk(tree, choice, token)
         path, last = w.path, w.last
         for d in w.depths_tried:

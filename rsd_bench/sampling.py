@@ -7,6 +7,8 @@ because acceptance ratios of half-precision probabilities are noisy (a known tra
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,12 +30,50 @@ def to_probs(logits: torch.Tensor, temperature: float, top_p: float | None = Non
     return probs
 
 
-def uniform(gen: torch.Generator, shape=(), device=None) -> torch.Tensor:
+class UniformPool:
+    """Uniform [0, 1) numbers drawn ahead in one launch and handed out in order of request.
+
+    A CUDA graph cannot draw from a user's torch.Generator, so a captured verification
+    (rsd_bench/verify.py) reads its randomness from a pool that is refilled from the example's
+    generator, outside the graph, before every replay. `uniform`, `gumbel` and `sample_rows`
+    accept a pool wherever they take a generator. Until `allocate`, requests only count the
+    numbers a call needs and get throwaway ones (the warm-up that sizes the pool).
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.buffer: torch.Tensor | None = None
+        self.needed = 0
+        self.pos = 0
+
+    def take(self, shape) -> torch.Tensor:
+        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+        n = math.prod(shape)
+        if self.buffer is None:
+            self.needed += n
+            return torch.rand(shape, device=self.device)
+        if self.pos + n > self.buffer.numel():
+            raise RuntimeError("UniformPool exhausted: a call drew more numbers than its warm-up did")
+        out = self.buffer[self.pos : self.pos + n].view(shape)
+        self.pos += n
+        return out
+
+    def allocate(self) -> None:
+        self.buffer = torch.empty(max(self.needed, 1), device=self.device)
+        self.pos = 0
+
+    def refill(self, gen: torch.Generator) -> None:
+        self.buffer.uniform_(generator=gen)
+
+
+def uniform(gen, shape=(), device=None) -> torch.Tensor:
+    if isinstance(gen, UniformPool):
+        return gen.take(shape)
     return torch.rand(shape, generator=gen, device=device or gen.device, dtype=torch.float32)
 
 
-def gumbel(gen: torch.Generator, shape, device=None) -> torch.Tensor:
-    u = torch.rand(shape, generator=gen, device=device or gen.device, dtype=torch.float32)
+def gumbel(gen, shape, device=None) -> torch.Tensor:
+    u = uniform(gen, shape, device)
     # clamp keeps -log(-log(u)) finite at the ends of float32's range
     u = u.clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
     return -torch.log(-torch.log(u))
@@ -67,7 +107,10 @@ def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     draws the same way but first validates its input with two host synchronisations on a GPU,
     which cost more than the draw itself at every draft step and verified node.
     """
-    race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=gen)
+    if isinstance(gen, UniformPool):
+        race = torch.log1p(-gen.take(probs.shape)).neg_()  # -log(1 - U), U in [0, 1): Exp(1)
+    else:
+        race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=gen)
     # exponential_ excludes 0 in current PyTorch; the clamp keeps p / E finite regardless
     return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
 

@@ -9,12 +9,15 @@ own random draws, so the nodes on the walked path are decided exactly as one at 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from .sampling import sample_rows
+from .sampling import UniformPool, sample_rows, to_probs
 from .tree import DraftTree
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,21 +27,41 @@ class Walk:
     depths_tried: list[int]  # depths at which the walk met proposals
 
 
-def decide(verify_children, tree: DraftTree, target_probs: torch.Tensor, settings: dict,
-           gen: torch.Generator) -> tuple[list[int], list[int]]:
+def decide(verify_children, tree: DraftTree, logits: torch.Tensor, settings: dict, gen: torch.Generator,
+           temperature: float = 1.0, top_p: float | None = None) -> tuple[list[int], list[int]]:
     """(choice, token) per tree node as host lists: choice is the accepted proposal's index or
     -1 (all rejected, or a leaf); token is the residual sample where all were rejected and the
-    target's bonus token at a leaf."""
+    target's bonus token at a leaf. logits: the target's [len(tree), V] at the tree's nodes.
+
+    On a GPU the device work runs as a CUDA graph per (padded) tree shape (see GraphedDecide);
+    a verifier that cannot be captured (one that reads values on the host, or draws randomness
+    other than through rsd_bench.sampling) falls back to the plain path, once, with a warning.
+    """
+    internal = [i for i in range(len(tree)) if tree.proposals[i]]
+    if logits.device.type == "cuda" or FORCE_POOLED:
+        k = max((len(tree.proposals[i]) for i in internal), default=0)
+        key = (logits.device, verify_children, _bucket(len(tree)), _bucket(len(internal)) if internal else 0, k,
+               logits.shape[1], float(temperature), top_p, repr(sorted(settings.items())))
+        graphed = _GRAPHS.get(key)
+        if graphed is None:
+            try:
+                graphed = GraphedDecide(verify_children, *key[2:6], settings, temperature, top_p, logits.device)
+            except Exception as err:  # the verifier cannot run inside a graph: use the plain path
+                log.warning("verification of %s runs without a CUDA graph: %s", verify_children, err)
+                graphed = False
+            _GRAPHS[key] = graphed
+        if graphed:
+            return graphed(tree, internal, logits, gen)
+    return _decide_plain(verify_children, tree, internal, to_probs(logits, temperature, top_p), settings, gen)
+
+
+def _decide_plain(verify_children, tree, internal, target_probs, settings, gen):
     n, dev = len(tree), target_probs.device
     token = sample_rows(target_probs, gen)  # bonus tokens, replaced at nodes with proposals
-    internal = [i for i in range(n) if tree.proposals[i]]
     if not internal:
         return [-1] * n, token.tolist()
     m, k = len(internal), max(len(tree.proposals[i]) for i in internal)
-    flat = list(internal)
-    for i in internal:
-        flat += [tree.tokens[c] for c in tree.proposals[i]] + [-1] * (k - len(tree.proposals[i]))
-    host = torch.tensor(flat, dtype=torch.long)  # one small copy for rows and proposals
+    host = torch.tensor(_flat_inputs(tree, internal, m, k, pad_row=0), dtype=torch.long)  # one copy
     rows, proposals = host.to(dev, non_blocking=True).split([m, m * k])
     choice_i, token_i = verify_children(target_probs.index_select(0, rows),
                                         torch.stack([tree.draft_probs[i] for i in internal]),
@@ -47,6 +70,90 @@ def decide(verify_children, tree: DraftTree, target_probs: torch.Tensor, setting
     token = token.index_copy(0, rows, token_i.long())
     both = torch.cat([choice, token]).tolist()  # the block's one synchronisation
     return both[:n], both[n:]
+
+
+def _flat_inputs(tree, internal, rows: int, k: int, pad_row: int) -> list[int]:
+    """[row indices (rows), proposal tokens (rows x k)]: real nodes first, -1 padded."""
+    flat = list(internal) + [pad_row] * (rows - len(internal))
+    for i in internal:
+        flat += [tree.tokens[c] for c in tree.proposals[i]] + [-1] * (k - len(tree.proposals[i]))
+    return flat + [-1] * (k * (rows - len(internal)))
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+FORCE_POOLED = False  # tests: run GraphedDecide's body without a graph on the CPU
+_GRAPHS: dict[tuple, "GraphedDecide | bool"] = {}
+
+
+class GraphedDecide:
+    """`to_probs` + bonus draws + the verifier + scattering the answers, for one padded shape.
+
+    Static inputs: logits [nodes + 1, V] (row `nodes` is a dummy that padded verifier rows point
+    at), the draft distributions [rows, V], and one int buffer of row indices and -1 padded
+    proposals [rows, k]. Randomness comes from a UniformPool refilled from the example's
+    generator before each replay, so every block gets fresh numbers and the result is the
+    plain path's in distribution. A replay costs ~5 launches and one read, against ~40 launches
+    of the plain path at ~10 us each.
+    """
+
+    def __init__(self, verify_children, nodes: int, rows: int, k: int, vocab: int, settings: dict,
+                 temperature: float, top_p: float | None, device: torch.device):
+        self.verify_children, self.nodes, self.rows, self.k = verify_children, nodes, rows, k
+        self.settings, self.temperature, self.top_p = settings, temperature, top_p
+        self.logits = torch.zeros(nodes + 1, vocab, device=device)
+        self.draft = torch.full((max(rows, 1), vocab), 1.0 / vocab, device=device)
+        self.ints = torch.zeros(rows * (1 + k), dtype=torch.long, device=device)
+        self.pool = UniformPool(device)
+        self.graph = None
+        cuda = device.type == "cuda"
+        self.host_ints = torch.zeros(rows * (1 + k), dtype=torch.long, pin_memory=cuda)
+        if not cuda:
+            self.body()  # sizes the pool
+            self.pool.allocate()
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.body()  # warm-up; sizes the pool
+            self.pool.allocate()
+            self.body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.pool.pos = 0
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.body()
+
+    def body(self) -> torch.Tensor:
+        self.pool.pos = 0
+        probs = to_probs(self.logits, self.temperature, self.top_p)
+        token = sample_rows(probs, self.pool)
+        choice = torch.full((self.nodes + 1,), -1, dtype=torch.long, device=probs.device)
+        if self.rows:
+            rows, proposals = self.ints.split([self.rows, self.rows * self.k])
+            choice_i, token_i = self.verify_children(probs.index_select(0, rows), self.draft,
+                                                     proposals.view(self.rows, self.k), self.settings, self.pool)
+            choice = choice.index_copy(0, rows, choice_i.long())
+            token = token.index_copy(0, rows, token_i.long())
+        return torch.cat([choice[: self.nodes], token[: self.nodes]])
+
+    def __call__(self, tree: DraftTree, internal: list[int], logits: torch.Tensor, gen) -> tuple[list, list]:
+        n, m = len(tree), len(internal)
+        self.pool.refill(gen)
+        self.logits[:n].copy_(logits)
+        if m:
+            torch.stack([tree.draft_probs[i] for i in internal], out=self.draft[:m])
+            self.host_ints.copy_(torch.tensor(_flat_inputs(tree, internal, self.rows, self.k, pad_row=self.nodes)))
+            self.ints.copy_(self.host_ints, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.out
+        else:
+            out = self.body()
+        both = out.tolist()  # the block's one synchronisation
+        return both[:n], both[self.nodes : self.nodes + n]
 
 
 def walk(tree: DraftTree, choice: list[int], token: list[int]) -> Walk:

@@ -14,6 +14,7 @@ import functools
 import pytest
 import torch
 
+from rsd_bench import verify
 from rsd_bench.engine import generate
 from rsd_bench.lm import ModelRunner
 from rsd_bench.methods import Method, get_method
@@ -73,6 +74,23 @@ def test_method_is_exact(method, L, params, temperature, tokens):
     samples, exact = empirical(method, L, tokens, temperature, **params)
     pvalue, stat, dof = chi_square_pvalue(samples, exact)
     assert pvalue >= ALPHA, f"{method} L={L} {params} T={temperature}: chi2={stat:.1f} dof={dof} p={pvalue:.2e}"
+
+
+POOLED_SETTINGS = [("sd", 3, {}, 0.6, 3), ("spectr", 2, {"K": 3}, 1.0, 3), ("rsd_c", 2, {"branching": [3, 2]}, 1.0, 3),
+                   ("rsd_s", 2, {"W": 3}, 1.0, 3)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,L,params,temperature,tokens", POOLED_SETTINGS,
+                         ids=[f"{m}-L{L}-t{t}" for m, L, _, t, _ in POOLED_SETTINGS])
+def test_graphed_verification_body_is_exact(monkeypatch, method, L, params, temperature, tokens):
+    """What a GPU runs as a CUDA graph (padded shapes, randomness from a UniformPool), run plainly."""
+    monkeypatch.setattr(verify, "FORCE_POOLED", True)
+    monkeypatch.setattr(verify, "_GRAPHS", {})
+    samples, exact = empirical(method, L, tokens, temperature, **params)
+    pvalue, stat, dof = chi_square_pvalue(samples, exact)
+    assert pvalue >= ALPHA, f"{method} L={L} {params} T={temperature}: chi2={stat:.1f} dof={dof} p={pvalue:.2e}"
+    assert any(verify._GRAPHS.values()), "the pooled path did not run"
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import normalize, sample_rows, uniform
+from ..sampling import UniformPool, normalize, sample_rows, uniform
 
 
 POINTS, ROUNDS = 16, 5  # bracket after the search: (k - 1) / (POINTS - 1) ** ROUNDS
@@ -112,9 +112,10 @@ def kseq_verify(target_p: torch.Tensor, draft_p: torch.Tensor, proposals: torch.
     """Rows = nodes; proposals [n, kmax], -1 padded: node i's k_i i.i.d. draft tokens."""
     n, kmax = proposals.shape
     valid = proposals >= 0
-    k = valid.sum(1).double()
+    k = valid.sum(1).clamp_min(1).double()  # padded rows (no proposals) are ignored by the engine
     t, d = target_p.double(), draft_p.double()
-    rho, beta = solve_rho_graphed(t, d, k)
+    # inside verify.GraphedDecide (randomness from a UniformPool) the search is part of that graph
+    rho, beta = solve_rho(t, d, k) if isinstance(gen, UniformPool) else solve_rho_graphed(t, d, k)
     if rho_override is not None:  # only for tests that show a broken verifier is caught
         rho = torch.full((n,), float(rho_override), dtype=torch.float64, device=t.device)
         beta = torch.minimum(d, t / rho[:, None]).sum(-1)

@@ -11,7 +11,11 @@
   the residual (read only where choice is -1). The engine calls it once per block for every
   node with proposals, reads the answers with one host synchronisation and walks from the
   root; so stay on the device (no .item() / .tolist()), and draw each row's randomness
-  independently. The engine samples the bonus token from the target at nodes without proposals.
+  independently, through `rsd_bench.sampling`'s `uniform`, `gumbel` and `sample_rows` with the
+  `gen` you are given: on a GPU the call is captured in a CUDA graph and `gen` is a
+  `UniformPool` refilled before every replay (a verifier that cannot be captured still works,
+  without the graph). The engine samples the bonus token from the target at nodes without
+  proposals.
 
 Adding a method never touches the engine loop: write the two functions and `register(Method(...))`.
 """
