@@ -7,9 +7,9 @@ because acceptance ratios of half-precision probabilities are noisy (a known tra
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .device_graph import UniformPool, graphed
 
 
 def to_probs(logits: torch.Tensor, temperature: float, top_p: float | None = None) -> torch.Tensor:
@@ -28,42 +28,6 @@ def to_probs(logits: torch.Tensor, temperature: float, top_p: float | None = Non
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
-
-
-class UniformPool:
-    """Uniform [0, 1) numbers drawn ahead in one launch and handed out in order of request.
-
-    A CUDA graph cannot draw from a user's torch.Generator, so a captured verification
-    (rsd_bench/verify.py) reads its randomness from a pool that is refilled from the example's
-    generator, outside the graph, before every replay. `uniform`, `gumbel` and `sample_rows`
-    accept a pool wherever they take a generator. Until `allocate`, requests only count the
-    numbers a call needs and get throwaway ones (the warm-up that sizes the pool).
-    """
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.buffer: torch.Tensor | None = None
-        self.needed = 0
-        self.pos = 0
-
-    def take(self, shape) -> torch.Tensor:
-        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
-        n = math.prod(shape)
-        if self.buffer is None:
-            self.needed += n
-            return torch.rand(shape, device=self.device)
-        if self.pos + n > self.buffer.numel():
-            raise RuntimeError("UniformPool exhausted: a call drew more numbers than its warm-up did")
-        out = self.buffer[self.pos : self.pos + n].view(shape)
-        self.pos += n
-        return out
-
-    def allocate(self) -> None:
-        self.buffer = torch.empty(max(self.needed, 1), device=self.device)
-        self.pos = 0
-
-    def refill(self, gen: torch.Generator) -> None:
-        self.buffer.uniform_(generator=gen)
 
 
 def uniform(gen, shape=(), device=None) -> torch.Tensor:
@@ -115,9 +79,19 @@ def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
 
 
+@graphed
+def _sample_rows_graphed(probs: torch.Tensor, gen) -> torch.Tensor:
+    return sample_rows(probs, gen)
+
+
 def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
-    """One token from a probability vector (host int)."""
-    return int(sample_rows(probs, gen))
+    """One token from a probability vector (host int); a CUDA graph on a GPU."""
+    return int(_sample_rows_graphed(probs, gen=gen))
+
+
+def sample_list(probs: torch.Tensor, gen: torch.Generator) -> list[int]:
+    """One token per row (host ints); a CUDA graph on a GPU."""
+    return _sample_rows_graphed(probs, gen=gen).tolist()
 
 
 def normalize(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import UniformPool, sample_rows, to_probs
+from .device_graph import UniformPool, capture, pooled
+from .sampling import sample_rows, to_probs
 from .tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def decide(verify_children, tree: DraftTree, logits: torch.Tensor, settings: dic
     other than through rsd_bench.sampling) falls back to the plain path, once, with a warning.
     """
     internal = [i for i in range(len(tree)) if tree.proposals[i]]
-    if logits.device.type == "cuda" or FORCE_POOLED:
+    if pooled(logits.device):
         k = max((len(tree.proposals[i]) for i in internal), default=0)
         key = (logits.device, verify_children, _bucket(len(tree)), _bucket(len(internal)) if internal else 0, k,
                logits.shape[1], float(temperature), top_p, repr(sorted(settings.items())))
@@ -84,7 +85,6 @@ def _bucket(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-FORCE_POOLED = False  # tests: run GraphedDecide's body without a graph on the CPU
 _GRAPHS: dict[tuple, "GraphedDecide | bool"] = {}
 
 
@@ -107,24 +107,8 @@ class GraphedDecide:
         self.draft = torch.full((max(rows, 1), vocab), 1.0 / vocab, device=device)
         self.ints = torch.zeros(rows * (1 + k), dtype=torch.long, device=device)
         self.pool = UniformPool(device)
-        self.graph = None
-        cuda = device.type == "cuda"
-        self.host_ints = torch.zeros(rows * (1 + k), dtype=torch.long, pin_memory=cuda)
-        if not cuda:
-            self.body()  # sizes the pool
-            self.pool.allocate()
-            return
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self.body()  # warm-up; sizes the pool
-            self.pool.allocate()
-            self.body()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.pool.pos = 0
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.body()
+        self.host_ints = torch.zeros(rows * (1 + k), dtype=torch.long, pin_memory=device.type == "cuda")
+        self.graph, self.out = capture(self.body, device, self.pool)
 
     def body(self) -> torch.Tensor:
         self.pool.pos = 0
@@ -150,7 +134,7 @@ class GraphedDecide:
         if self.graph is not None:
             self.graph.replay()
             out = self.out
-        else:
+        else:  # FORCE_POOLED on the CPU
             out = self.body()
         both = out.tolist()  # the block's one synchronisation
         return both[:n], both[self.nodes : self.nodes + n]

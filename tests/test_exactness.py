@@ -14,7 +14,7 @@ import functools
 import pytest
 import torch
 
-from rsd_bench import verify
+from rsd_bench import device_graph, verify
 from rsd_bench.engine import generate
 from rsd_bench.lm import ModelRunner
 from rsd_bench.methods import Method, get_method
@@ -84,8 +84,9 @@ POOLED_SETTINGS = [("sd", 3, {}, 0.6, 3), ("spectr", 2, {"K": 3}, 1.0, 3), ("rsd
 @pytest.mark.parametrize("method,L,params,temperature,tokens", POOLED_SETTINGS,
                          ids=[f"{m}-L{L}-t{t}" for m, L, _, t, _ in POOLED_SETTINGS])
 def test_graphed_verification_body_is_exact(monkeypatch, method, L, params, temperature, tokens):
-    """What a GPU runs as a CUDA graph (padded shapes, randomness from a UniformPool), run plainly."""
-    monkeypatch.setattr(verify, "FORCE_POOLED", True)
+    """What a GPU runs as CUDA graphs (verification over padded shapes, draft levels; randomness
+    from UniformPools), run plainly."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
     monkeypatch.setattr(verify, "_GRAPHS", {})
     samples, exact = empirical(method, L, tokens, temperature, **params)
     pvalue, stat, dof = chi_square_pvalue(samples, exact)

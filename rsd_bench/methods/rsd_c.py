@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..device_graph import graphed
 from ..sampling import gumbel, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
@@ -24,14 +25,20 @@ def branching_from_rule(rule: str, width: int, L: int) -> list[int]:
     raise ValueError(f"unknown rsd_c branching_rule {rule!r}; use 'first' or 'all', or give branching")
 
 
+@graphed
+def branch_level(probs: torch.Tensor, gen, b: int) -> torch.Tensor:
+    """[Gumbel-top-b scores; their tokens] per row, stacked for one host read (token ids are
+    exact in float64)."""
+    scores = probs.log() + gumbel(gen, probs.shape, probs.device)
+    values, tokens = top_k(scores, b)
+    return torch.stack([values.double(), tokens.double()])
+
+
 def draft_constant_branching(tree, draft, settings, gen) -> None:
     frontier = [0]
     for b in settings["branching"]:
         probs = draft(frontier)
-        scores = probs.log() + gumbel(gen, probs.shape, probs.device)
-        values, tokens = top_k(scores, min(b, probs.shape[-1]))
-        # one host read for both (token ids are exact in float64)
-        values, tokens = torch.stack([values.double(), tokens.double()]).tolist()
+        values, tokens = branch_level(probs, gen=gen, b=min(b, probs.shape[-1])).tolist()
         nxt = []
         for parent, vals, toks in zip(frontier, values, tokens):
             nxt += [tree.propose(parent, int(x)) for v, x in zip(vals, toks) if v != -math.inf]

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..device_graph import graphed
 from ..sampling import gumbel, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
@@ -27,30 +28,35 @@ def shift_gumbel(perturbed: torch.Tensor, target_max: torch.Tensor) -> torch.Ten
     return t - u.clamp_min(0.0) - torch.log1p(torch.exp(-u.abs()))
 
 
+@graphed
+def beam_level(probs: torch.Tensor, phi: torch.Tensor, score: torch.Tensor, gen, width: int):
+    """One level of the beam on the device: (top scores, their flat indices into [items, V], the
+    survivors' phi, and [scores; indices] stacked for one host read)."""
+    child_phi = phi[:, None] + probs.double().log()
+    perturbed = child_phi + gumbel(gen, probs.shape, probs.device).double()
+    shifted = shift_gumbel(perturbed, score)
+    values, flat = top_k(shifted.view(-1), min(width, shifted.numel()))
+    return values, flat, child_phi.view(-1)[flat], torch.stack([values, flat.double()])
+
+
 def draft_stochastic_beam(tree, draft, settings, gen) -> None:
     width = settings["W"]
     frontier = [0]
     phi = score = None  # per beam item, float64 on the draft's device
     for _ in range(settings["L"]):
         probs = draft(frontier)
-        dev = probs.device
         if phi is None:
-            phi = score = torch.zeros(1, dtype=torch.float64, device=dev)
-        logp = probs.double().log()
-        child_phi = phi[:, None] + logp
-        perturbed = child_phi + gumbel(gen, probs.shape, dev).double()
-        shifted = shift_gumbel(perturbed, score)
+            phi = score = torch.zeros(1, dtype=torch.float64, device=probs.device)
         vocab = probs.shape[-1]
-        values, flat = top_k(shifted.view(-1), min(width, shifted.numel()))
+        values, flat, phi, both = beam_level(probs, phi, score, gen=gen, width=width)
         # one host read per level (flat indices < W * V are exact in float64)
-        kept = [(i, int(f)) for i, (v, f) in enumerate(zip(*torch.stack([values, flat.double()]).tolist()))
-                if v > -math.inf]
-        if len(kept) < len(flat):  # children of zero draft probability never survive
-            idx = torch.tensor([i for i, _ in kept], dtype=torch.long, device=dev)
-            values, flat = values[idx], flat[idx]
+        kept = [(i, int(f)) for i, (v, f) in enumerate(zip(*both.tolist())) if v > -math.inf]
+        score = values
+        if len(kept) < len(values):  # children of zero draft probability never survive
+            idx = torch.tensor([i for i, _ in kept], dtype=torch.long, device=probs.device)
+            phi, score = phi[idx], values[idx]
         # global descending order => each parent's children are proposed in their draw order
         frontier = [tree.propose(frontier[f // vocab], f % vocab) for _, f in kept]
-        phi, score = child_phi.view(-1)[flat], values
 
 
 def _resolve(s: dict) -> dict:

@@ -5,7 +5,7 @@ repeats: they are i.i.d. draws from the draft at that node, as K-SEQ requires. C
 the accepted token are exactly those passing through the accepted child.
 """
 
-from ..sampling import sample_rows
+from ..sampling import sample_list
 from .kseq import kseq_verify
 from .registry import Method, register
 
@@ -17,7 +17,7 @@ def draft_k_chains(tree, draft, settings, gen) -> None:
         probs = draft(frontier)
         row = {node: i for i, node in enumerate(frontier)}
         per_chain = probs[[row[n] for n in chain_node]]
-        tokens = sample_rows(per_chain, gen).tolist()
+        tokens = sample_list(per_chain, gen)
         chain_node = [tree.propose(n, x) for n, x in zip(chain_node, tokens)]
 
 

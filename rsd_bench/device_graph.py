@@ -1,0 +1,135 @@
+"""Small device computations replayed as CUDA graphs, with randomness a graph can use.
+
+A block's host time is mostly kernel launches of tiny ops (~10 us each on the GPU machines):
+sampling a draft token, a draft level's Gumbel-top-k, the verification. `graphed(fn)` captures
+such a function once per input shapes and replays it (three launches: refill the pool, copy the
+inputs, replay). A CUDA graph cannot draw from a user's torch.Generator, so a captured function
+draws from a `UniformPool`, refilled from the example's generator before every replay; the
+sampling helpers (`rsd_bench.sampling`) take either. On the CPU (or when capture fails) the
+function runs plainly with the generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# tests: run the pooled path (padded shapes, pool randomness) without graphs on the CPU
+FORCE_POOLED = False
+
+
+def pooled(device: torch.device) -> bool:
+    return device.type == "cuda" or FORCE_POOLED
+
+
+class UniformPool:
+    """Uniform [0, 1) numbers drawn ahead in one launch and handed out in order of request.
+
+    Until `allocate`, requests only count the numbers a call needs and get throwaway ones (the
+    warm-up that sizes the pool). A captured graph reads the same slices at every replay, so the
+    pool must be refilled before each one.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.buffer: torch.Tensor | None = None
+        self.needed = 0
+        self.pos = 0
+
+    def take(self, shape) -> torch.Tensor:
+        shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+        n = math.prod(shape)
+        if self.buffer is None:
+            self.needed += n
+            return torch.rand(shape, device=self.device)
+        if self.pos + n > self.buffer.numel():
+            raise RuntimeError("UniformPool exhausted: a call drew more numbers than its warm-up did")
+        out = self.buffer[self.pos : self.pos + n].view(shape)
+        self.pos += n
+        return out
+
+    def allocate(self) -> None:
+        self.buffer = torch.empty(max(self.needed, 1), device=self.device)
+        self.pos = 0
+
+    def refill(self, gen: torch.Generator) -> None:
+        self.buffer.uniform_(generator=gen)
+        self.pos = 0
+
+
+def capture(body, device: torch.device, pool: UniformPool):
+    """Run `body()` to size the pool, then capture it; returns (graph or None on the CPU, outputs)."""
+    if device.type != "cuda":
+        body()
+        pool.allocate()
+        return None, None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        body()  # sizes the pool
+        pool.allocate()
+        body()  # warm-up with the pool's own numbers
+    torch.cuda.current_stream(device).wait_stream(side)
+    pool.pos = 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph, out
+
+
+class _Captured:
+    def __init__(self, fn, tensors, static: dict, device: torch.device):
+        self.inputs = [t.clone() for t in tensors]
+        self.pool = UniformPool(device)
+        self.body = lambda: fn(*self.inputs, gen=self.pool, **static)
+        self.graph, self.out = capture(self._body, device, self.pool)
+
+    def _body(self):
+        self.pool.pos = 0
+        return self.body()
+
+    def __call__(self, tensors, gen):
+        self.pool.refill(gen)
+        for dst, src in zip(self.inputs, tensors):
+            dst.copy_(src)
+        if self.graph is None:
+            return self._body()
+        self.graph.replay()
+        return self.out
+
+
+class graphed:
+    """Decorator: `f(*tensors, gen=..., **static)` as a CUDA graph per (device, shapes, dtypes,
+    static arguments) on a GPU; plainly with `gen` elsewhere.
+
+    f must be device-only (no host reads) and draw randomness through rsd_bench.sampling with
+    the `gen` it gets. Outputs on a GPU are the graph's own tensors, overwritten by the next call
+    with the same key: read or copy them before that (passing them back in as inputs is fine).
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.entries: dict[tuple, _Captured | bool] = {}
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", "graphed")
+
+    def __call__(self, *tensors: torch.Tensor, gen, **static):
+        device = tensors[0].device
+        if not pooled(device):
+            return self.fn(*tensors, gen=gen, **static)
+        key = (device, tuple((t.shape, t.dtype) for t in tensors), tuple(sorted(static.items())))
+        entry = self.entries.get(key)
+        if entry is None:
+            try:
+                entry = _Captured(self.fn, tensors, static, device)
+            except Exception as err:  # not capturable: run it plainly from now on
+                log.warning("%s runs without a CUDA graph: %s", self.__name__, err)
+                entry = False
+            self.entries[key] = entry
+        if entry is False:
+            return self.fn(*tensors, gen=gen, **static)
+        return entry(tensors, gen)
