@@ -18,9 +18,12 @@ report is rewritten after every section, so a run killed at its time limit keeps
                eager ModelRunner step (kernel launches and their host cost).
   overhead     engine.generate with the 7B-shaped target and a small random draft in fast mode, for
                sd/spectr/rsd_c/rsd_s at L = 4: overhead_seconds / decode_seconds (the engine's
-               "overhead" phase: target sampling, verification walk, cache compaction). Goal <= 10 %.
-               A second, instrumented run also times every model forward (GPU-synchronized), giving
-               the share of all time outside forwards (draft-tree building and sampling included).
+               "overhead" phase: target sampling, verification walk, cache compaction). Then all time
+               outside the model forwards (draft-tree building and sampling included), measured
+               twice: with every forward GPU-synchronized and wall-timed (no host/GPU overlap: an
+               upper bound), and on the GPU timeline (CUDA events around each forward, nothing
+               synchronized: (decode time - forwards' GPU time) / decode time). Goal: the
+               timeline share <= 10 %.
                Random weights: two unrelated, fairly flat distributions, so the acceptance there is
                not that of a trained pair (the block efficiency is reported alongside).
   e2e          the real offline pair (--pair-target, default "smollm2"; --draft): token rate of every
@@ -858,6 +861,51 @@ class ForwardTimer:
         return getattr(self._runner, name)
 
 
+class ForwardEvents:
+    """Proxy of a runner that marks each forward on the GPU timeline with CUDA events, without
+    synchronizing, so host work keeps overlapping GPU work as in an uninstrumented run.
+
+    `seconds()` (after a synchronize) sums the spans from when the stream reached each forward's
+    start to its end: forward time as the GPU saw it, including any wait for the host inside the
+    forward's own launches. On the CPU it falls back to wall time per forward. The first forward
+    after reset() is the prefill and is left out.
+    """
+
+    def __init__(self, runner, dev):
+        self._runner, self._dev = runner, dev
+        self._spans: list = []
+        self._first = True
+        self.calls = 0
+
+    def reset(self, capacity):
+        self._first = True
+        return self._runner.reset(capacity)
+
+    def forward(self, *args, **kwargs):
+        if self._first:
+            self._first = False
+            return self._runner.forward(*args, **kwargs)
+        self.calls += 1
+        if self._dev.type != "cuda":
+            t = time.perf_counter()
+            out = self._runner.forward(*args, **kwargs)
+            self._spans.append(time.perf_counter() - t)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self._runner.forward(*args, **kwargs)
+        end.record()
+        self._spans.append((start, end))
+        return out
+
+    def seconds(self) -> float:
+        sync(self._dev)
+        return sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in self._spans)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
 def _result_row(res) -> dict:
     dec = res.decode_seconds
     return {
@@ -945,19 +993,31 @@ def section_overhead(state: State, sec: dict, budget: Budget) -> None:
                     "verify_phase_outside_forward_seconds": res2.verify_seconds - tt.seconds,
                     "overhead_seconds": res2.overhead_seconds,
                 }
-                row["meets_goal"] = row["overhead_fraction"] is not None and row["overhead_fraction"] <= 0.10
+                # GPU timeline: forwards marked by CUDA events, nothing synchronized around them, so
+                # host work that overlaps a forward's GPU time does not count as outside it
+                te, de = ForwardEvents(target, state.dev), ForwardEvents(draft, state.dev)
+                res3 = generate(te, de, prompt, name, a.overhead_L, max_new_tokens=n_new, seed=a.seed, **common)
+                t_fwd, d_fwd = te.seconds(), de.seconds()
+                row["timeline"] = {
+                    "decode_seconds": res3.decode_seconds, "target_forward_gpu_seconds": t_fwd,
+                    "draft_forward_gpu_seconds": d_fwd, "target_forwards": te.calls, "draft_forwards": de.calls,
+                    "outside_forwards_fraction": (res3.decode_seconds - t_fwd - d_fwd) / res3.decode_seconds,
+                }
+                row["meets_goal"] = row["timeline"]["outside_forwards_fraction"] <= 0.10
                 if a.overhead_profile:
                     row["host_profile"] = _host_profile(lambda: generate(
                         target, draft, prompt, name, a.overhead_L, max_new_tokens=n_new, seed=a.seed, **common),
                         blocks=res.target_calls)
                 log(f"overhead {name} L={a.overhead_L}: {row['ms_per_block']:.2f} ms/block, overhead phase "
                     f"{row['overhead_fraction']:.1%} of decode; outside all forwards "
-                    f"{row['instrumented']['outside_forwards_fraction']:.1%} (instrumented); "
+                    f"{row['instrumented']['outside_forwards_fraction']:.1%} (synchronized around forwards), "
+                    f"{row['timeline']['outside_forwards_fraction']:.1%} (GPU timeline); "
                     f"block efficiency {row['block_efficiency']:.2f}")
             except Exception:
                 row["error"] = _err()
                 log(f"overhead {name} failed:\n{row['error']}")
-        sec["goal"] = "overhead_seconds / decode_seconds <= 0.10"
+        sec["goal"] = ("(decode time - forwards' GPU time) / decode time <= 0.10 (timeline); the overhead "
+                       "phase alone and the synchronized measure are reported beside it")
         if budget.hit:
             sec["partial"] = "section budget hit"
     finally:
@@ -1527,15 +1587,18 @@ def summary_lines(report: dict) -> list[str]:
     ov = S.get("overhead", {})
     if ov.get("results"):
         out += ["", f"Engine overhead per block, 7B target + small draft, fast mode, L={ov.get('L')}, random "
-                "weights, acceptance as the block eff. column shows (goal: overhead <= 10 %)", "",
-                "| method | setting | ms/block | nodes/call | block eff. | overhead % | outside forwards % | ok |",
-                "|---|---|---|---|---|---|---|---|"]
+                "weights, acceptance as the block eff. column shows (goal: outside forwards, GPU timeline, "
+                "<= 10 %)", "",
+                "| method | setting | ms/block | nodes/call | block eff. | overhead phase % | outside forwards, "
+                "synchronized % | outside forwards, timeline % | ok |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in ov["results"]:
-            ins = r.get("instrumented", {})
+            ins, tl = r.get("instrumented", {}), r.get("timeline", {})
             out.append(f"| {r['method']} | {r.get('setting', '')} | {_f(r.get('ms_per_block'))} | "
                        f"{_f(r.get('mean_nodes_per_call'), '{:.1f}')} | {_f(r.get('block_efficiency'))} | "
                        f"{_f(100 * r['overhead_fraction'] if r.get('overhead_fraction') is not None else None, '{:.1f}')} | "
                        f"{_f(100 * ins['outside_forwards_fraction'] if ins.get('outside_forwards_fraction') is not None else None, '{:.1f}')} | "
+                       f"{_f(100 * tl['outside_forwards_fraction'] if tl.get('outside_forwards_fraction') is not None else None, '{:.1f}')} | "
                        f"{'yes' if r.get('meets_goal') else ('NO' if 'meets_goal' in r else r.get('skipped', 'error'))} |")
     e2e = S.get("e2e", {})
     if e2e.get("ar"):
