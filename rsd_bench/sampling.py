@@ -19,7 +19,7 @@ def to_probs(logits: torch.Tensor, temperature: float, top_p: float | None = Non
         probs = torch.zeros_like(logits)
         probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         return probs
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # one launch less
     if top_p is not None and top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it is kept)
