@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import UniformPool, normalize, sample_rows, uniform
+from ..sampling import normalize, sample_rows, uniform
 
 
 POINTS, ROUNDS = 16, 5  # bracket after the search: (k - 1) / (POINTS - 1) ** ROUNDS
@@ -55,43 +55,6 @@ def solve_rho(target_p: torch.Tensor, draft_p: torch.Tensor, k, rounds: int = RO
     return (rho[0], beta[0]) if single else (rho, beta)
 
 
-_RHO_GRAPHS: dict[tuple, tuple] = {}  # (device, rows, V) -> (graph, t_in, d_in, k_in, rho_out, beta_out)
-
-
-def solve_rho_graphed(t: torch.Tensor, d: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """solve_rho over rows [n, V], replayed as a CUDA graph on a GPU (one launch instead of ~50).
-
-    The search is a fixed sequence of tensor ops without host synchronisation, so it is captured
-    once per (device, rows rounded up to a power of two, vocabulary size); capture costs a few
-    milliseconds. Rows past n hold earlier (valid) inputs and are ignored. The returned tensors
-    are views of the graph's outputs: valid until the next call with the same key.
-    """
-    if t.device.type != "cuda":
-        return solve_rho(t, d, k)
-    n, vocab = t.shape
-    rows = 1 << (n - 1).bit_length()
-    key = (t.device, rows, vocab)
-    entry = _RHO_GRAPHS.get(key)
-    if entry is None:
-        t_in = torch.full((rows, vocab), 1.0 / vocab, dtype=torch.float64, device=t.device)
-        d_in, k_in = t_in.clone(), torch.ones(rows, dtype=torch.float64, device=t.device)
-        stream = torch.cuda.Stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(stream):
-            solve_rho(t_in, d_in, k_in)  # warm-up outside the capture
-        torch.cuda.current_stream(t.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            rho, beta = solve_rho(t_in, d_in, k_in)
-        entry = _RHO_GRAPHS[key] = (graph, t_in, d_in, k_in, rho, beta)
-    graph, t_in, d_in, k_in, rho, beta = entry
-    t_in[:n].copy_(t)
-    d_in[:n].copy_(d)
-    k_in[:n].copy_(k)
-    graph.replay()
-    return rho[:n], beta[:n]
-
-
 def kseq_residual(target_p: torch.Tensor, draft_p: torch.Tensor, rho: torch.Tensor,
                   beta: torch.Tensor, k) -> torch.Tensor:
     """T - min(D, T/rho) (1 - (1 - beta)^k) / beta, clipped at 0 and renormalised (rows of 2-D inputs)."""
@@ -114,8 +77,7 @@ def kseq_verify(target_p: torch.Tensor, draft_p: torch.Tensor, proposals: torch.
     valid = proposals >= 0
     k = valid.sum(1).clamp_min(1).double()  # padded rows (no proposals) are ignored by the engine
     t, d = target_p.double(), draft_p.double()
-    # inside verify.GraphedDecide (randomness from a UniformPool) the search is part of that graph
-    rho, beta = solve_rho(t, d, k) if isinstance(gen, UniformPool) else solve_rho_graphed(t, d, k)
+    rho, beta = solve_rho(t, d, k)  # on a GPU, part of verify.GraphedDecide's graph
     if rho_override is not None:  # only for tests that show a broken verifier is caught
         rho = torch.full((n,), float(rho_override), dtype=torch.float64, device=t.device)
         beta = torch.minimum(d, t / rho[:, None]).sum(-1)
