@@ -57,20 +57,24 @@ def decide(verify_children, tree: DraftTree, logits: torch.Tensor, settings: dic
 
 
 def _decide_plain(verify_children, tree, internal, target_probs, settings, gen):
-    n, dev = len(tree), target_probs.device
-    token = sample_rows(target_probs, gen)  # bonus tokens, replaced at nodes with proposals
+    n = len(tree)
     if not internal:
-        return [-1] * n, token.tolist()
+        return [-1] * n, sample_rows(target_probs, gen).tolist()
     m, k = len(internal), max(len(tree.proposals[i]) for i in internal)
     host = torch.tensor(_flat_inputs(tree, internal, m, k, pad_row=0), dtype=torch.long)  # one copy
-    rows, proposals = host.to(dev, non_blocking=True).split([m, m * k])
-    choice_i, token_i = verify_children(target_probs.index_select(0, rows),
-                                        torch.stack([tree.draft_probs[i] for i in internal]),
-                                        proposals.view(m, k), settings, gen)
-    choice = torch.full((n,), -1, dtype=torch.long, device=dev).index_copy_(0, rows, choice_i.long())
-    token = token.index_copy(0, rows, token_i.long())
-    both = torch.cat([choice, token]).tolist()  # the block's one synchronisation
+    rows, proposals = host.to(target_probs.device, non_blocking=True).split([m, m * k])
+    both = _decisions(verify_children, target_probs, rows, torch.stack([tree.draft_probs[i] for i in internal]),
+                      proposals.view(m, k), settings, gen).tolist()  # the block's one synchronisation
     return both[:n], both[n:]
+
+
+def _decisions(verify_children, probs, rows, draft, proposals, settings, gen) -> torch.Tensor:
+    """[choice; token] for every row of probs: bonus draws everywhere, the verifier's answers at
+    `rows` (the nodes with proposals, whose draft rows and proposals follow in order)."""
+    token = sample_rows(probs, gen)  # bonus tokens, replaced at nodes with proposals
+    choice = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
+    choice_i, token_i = verify_children(probs.index_select(0, rows), draft, proposals, settings, gen)
+    return torch.cat([choice.index_copy(0, rows, choice_i.long()), token.index_copy(0, rows, token_i.long())])
 
 
 def _flat_inputs(tree, internal, rows: int, k: int, pad_row: int) -> list[int]:
@@ -113,15 +117,11 @@ class GraphedDecide:
     def body(self) -> torch.Tensor:
         self.pool.pos = 0
         probs = to_probs(self.logits, self.temperature, self.top_p)
-        token = sample_rows(probs, self.pool)
-        choice = torch.full((self.nodes + 1,), -1, dtype=torch.long, device=probs.device)
-        if self.rows:
-            rows, proposals = self.ints.split([self.rows, self.rows * self.k])
-            choice_i, token_i = self.verify_children(probs.index_select(0, rows), self.draft,
-                                                     proposals.view(self.rows, self.k), self.settings, self.pool)
-            choice = choice.index_copy(0, rows, choice_i.long())
-            token = token.index_copy(0, rows, token_i.long())
-        return torch.cat([choice[: self.nodes], token[: self.nodes]])
+        if not self.rows:
+            return sample_rows(probs, self.pool)
+        rows, proposals = self.ints.split([self.rows, self.rows * self.k])
+        return _decisions(self.verify_children, probs, rows, self.draft, proposals.view(self.rows, self.k),
+                          self.settings, self.pool)
 
     def __call__(self, tree: DraftTree, internal: list[int], logits: torch.Tensor, gen) -> tuple[list, list]:
         n, m = len(tree), len(internal)
@@ -137,7 +137,9 @@ class GraphedDecide:
         else:  # FORCE_POOLED on the CPU
             out = self.body()
         both = out.tolist()  # the block's one synchronisation
-        return both[:n], both[self.nodes : self.nodes + n]
+        if not self.rows:  # bonus tokens only
+            return [-1] * n, both[:n]
+        return both[:n], both[self.nodes + 1 : self.nodes + 1 + n]  # rows: nodes and the dummy
 
 
 def walk(tree: DraftTree, choice: list[int], token: list[int]) -> Walk:
