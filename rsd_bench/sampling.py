@@ -63,6 +63,9 @@ def top_k_by_argmax(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return torch.cat(values, -1), torch.cat(indices, -1)
 
 
+SMALLEST_RACE = 2.0**-25  # the exponential race value a pooled uniform of exactly 0 stands for
+
+
 def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One token per row of (unnormalised) probabilities, as a device tensor: no host sync.
 
@@ -72,11 +75,15 @@ def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     which cost more than the draw itself at every draft step and verified node.
     """
     if isinstance(gen, UniformPool):
-        race = torch.log1p(-gen.take(probs.shape)).neg_()  # -log(1 - U), U in [0, 1): Exp(1)
-    else:
+        # -log(1 - U), U in [0, 1): Exp(1). U is a multiple of 2^-24 and exactly 0 about once per
+        # 2^24 numbers (a vocabulary row's worth every ~500 draws). Its race value is clamped
+        # to the middle of that first cell: clamped to float32's tiny instead, p / E made any
+        # token with p > 0 win, so tokens of p < ~1e-7 were drawn up to ~V 2^-24 too often.
+        race = torch.log1p(-gen.take(probs.shape)).neg_().clamp_min_(SMALLEST_RACE)
+    else:  # exponential_ excludes 0 in current PyTorch; the clamp keeps p / E finite regardless
         race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=gen)
-    # exponential_ excludes 0 in current PyTorch; the clamp keeps p / E finite regardless
-    return (probs / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
+        race.clamp_min_(torch.finfo(torch.float32).tiny)
+    return (probs / race).argmax(-1)
 
 
 @graphed

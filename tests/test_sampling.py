@@ -46,3 +46,17 @@ def test_top_k_by_argmax_matches_topk(dtype):
         assert torch.equal(indices[finite], ref_indices[finite])
     flat_values, flat_indices = top_k_by_argmax(scores.view(-1), 3)  # RSD-S's flattened beam
     assert torch.equal(flat_values, scores.view(-1).topk(3).values)
+
+
+def test_a_zero_uniform_does_not_hand_the_race_to_a_negligible_token():
+    # A pooled uniform is exactly 0 about once per 2^24 numbers. It stands for an Exp(1) value
+    # in [0, 2^-24), which lets a token win only if p / E beats the others; a token of
+    # probability 1e-12 must still lose to one holding almost all the mass.
+    from rsd_bench.device_graph import UniformPool
+
+    probs = torch.tensor([[1.0 - 3e-12, 1e-12, 1e-12, 1e-12]])
+    pool = UniformPool("cpu")
+    pool.take(probs.shape)
+    pool.allocate()
+    pool.buffer.copy_(torch.tensor([0.5, 0.0, 0.3, 0.9]))
+    assert int(sample_rows(probs, pool)) == 0
