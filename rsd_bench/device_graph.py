@@ -3,7 +3,8 @@
 A block's host time is mostly kernel launches of tiny ops (~10 us each on the GPU machines):
 sampling a draft token, a draft level's Gumbel-top-k, the verification. `graphed(fn)` captures
 such a function once per input shapes and replays it (three launches: refill the pool, copy the
-inputs, replay). A CUDA graph cannot draw from a user's torch.Generator, so a captured function
+inputs, replay). What is captured is the function compiled by Inductor (`fuse`), so a replay
+runs a few fused kernels rather than one per op. A CUDA graph cannot draw from a user's torch.Generator, so a captured function
 draws from a `UniformPool`, refilled from the example's generator before every replay; the
 sampling helpers (`rsd_bench.sampling`) take either. On the CPU (or when capture fails) the
 function runs plainly with the generator.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # tests: run the pooled path (padded shapes, pool randomness) without graphs on the CPU
 FORCE_POOLED = False
+# compile captured bodies with Inductor (see `fuse`); RSD_BENCH_FUSE=0 captures the plain ops
+FUSE = os.environ.get("RSD_BENCH_FUSE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def pooled(device: torch.device) -> bool:
@@ -61,8 +65,25 @@ class UniformPool:
         self.pos = 0
 
 
+def fuse(body):
+    """`body` compiled by Inductor, or `body` itself when FUSE is off or compilation fails.
+
+    Inside a CUDA graph every small op still costs its kernel: ~3-5 us of GPU time even on
+    [rows, V] tensors this small, and a verification or RSD-S beam level is 20-60 of them.
+    Inductor fuses them into a few kernels. Call the result once outside any capture (that call
+    compiles); the pool must already be allocated, so the trace reads its buffer.
+    """
+    if not FUSE:
+        return body
+    from .fused_ops import raise_recompile_limit
+
+    raise_recompile_limit()  # all graphed bodies share a few code objects, one variant per shape
+    return torch.compile(body, dynamic=False)
+
+
 def capture(body, device: torch.device, pool: UniformPool):
-    """Run `body()` to size the pool, then capture it; returns (graph or None on the CPU, outputs)."""
+    """Run `body()` to size the pool, then capture it (fused, see `fuse`); returns (graph or None
+    on the CPU, outputs)."""
     if device.type != "cuda":
         body()
         pool.allocate()
@@ -72,12 +93,18 @@ def capture(body, device: torch.device, pool: UniformPool):
     with torch.cuda.stream(side):
         body()  # sizes the pool
         pool.allocate()
-        body()  # warm-up with the pool's own numbers
+        run = fuse(body)
+        try:
+            run()  # compiles, with the pool's own numbers
+        except Exception as err:  # Inductor could not compile it: capture the plain ops
+            log.warning("%s runs unfused: %s", getattr(body, "__qualname__", body), err)
+            run = body
+        run()  # warm-up
     torch.cuda.current_stream(device).wait_stream(side)
     pool.pos = 0
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = body()
+        out = run()
     return graph, out
 
 
