@@ -60,3 +60,19 @@ def test_a_zero_uniform_does_not_hand_the_race_to_a_negligible_token():
     pool.allocate()
     pool.buffer.copy_(torch.tensor([0.5, 0.0, 0.3, 0.9]))
     assert int(sample_rows(probs, pool)) == 0
+
+
+@pytest.mark.parametrize("n", [100, 4 * 512, 5000])  # one stage; chunks; chunks with padding
+def test_row_max_matches_max_with_first_index_on_ties(n):
+    from rsd_bench.sampling import row_max
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 7, (5, n), generator=g).double()  # many ties
+    x[1] = -torch.inf  # a row with nothing finite
+    x[2, -3:] = 100.0  # the maximum in the padded last chunk
+    values, index = row_max(x)
+    ref_values, _ = x.max(-1)
+    ref_index = torch.stack([torch.nonzero(row == row.max())[0, 0] for row in x])
+    assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
+    flat_v, flat_i = row_max(x.view(-1))  # 1-D input, as RSD-S's flattened beam level
+    assert float(flat_v) == float(x.max()) and int(flat_i) == int(torch.nonzero(x.view(-1) == x.max())[0, 0])

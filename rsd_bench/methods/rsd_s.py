@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..device_graph import graphed
-from ..sampling import gumbel, top_k
+from ..sampling import gumbel, row_max, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
 
@@ -22,7 +22,7 @@ def shift_gumbel(perturbed: torch.Tensor, target_max: torch.Tensor) -> torch.Ten
 
     Stable form of -log(exp(-T) - exp(-Z) + exp(-G')) (Kool et al. 2019, appendix B).
     """
-    z = perturbed.max(-1, keepdim=True).values
+    z = row_max(perturbed)[0][..., None]
     t = target_max.unsqueeze(-1)
     u = t - perturbed + torch.log1p(-torch.exp(perturbed - z))
     return t - u.clamp_min(0.0) - torch.log1p(torch.exp(-u.abs()))
