@@ -588,3 +588,21 @@ def test_max_new_tokens_zero():
     target, draft = table_runners()
     r = generate(target, draft, [0, 1], "sd", 2, vocab_size=6, max_new_tokens=0)
     assert r.tokens == [] and r.target_calls == 0 and r.draft_calls == 0 and r.stop_reason == "max_new_tokens"
+
+
+def test_generate_runs_without_cyclic_gc_and_restores_it():
+    # a full collection mid-decode (0.2-0.4 s once Inductor has compiled) would be timed as decoding
+    import gc
+
+    target, draft = (ModelRunner(m, V) for m in llama_pair())
+    seen = []
+    trace = lambda *args: seen.append(gc.isenabled())  # noqa: E731
+    assert gc.isenabled()
+    generate(target, draft, [1, 2, 3], "sd", 2, vocab_size=V, max_new_tokens=4, trace=trace)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:  # a caller that turned it off keeps it off
+        generate(target, None, [1, 2, 3], "ar", vocab_size=V, max_new_tokens=2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
