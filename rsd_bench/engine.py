@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lm import ModelRunner, Stopwatch
+from .lm import ModelRunner, Stopwatch, TreeMask
 from .methods import Method, get_method
 from .sampling import to_probs
 from .tree import DraftTree
@@ -89,13 +89,10 @@ class _DraftSession:
             past = runner.length
             if len(nodes) == 1 and len(self.slot) == tree.depth[nodes[0]]:
                 attend = None  # a chain: everything cached is this node's context and ancestors
-            else:
-                attend = torch.zeros(len(nodes), past + len(nodes), dtype=torch.bool)
-                attend[:, : self.base + self.pending] = True  # context, pending tokens and the root
-                for i, node in enumerate(nodes):
-                    for a in tree.ancestors(node)[1:-1]:
-                        attend[i, self.base + self.slot[a]] = True
-                    attend[i, past + i] = True
+            else:  # context, pending tokens and the root; then each node's drafted ancestors and itself
+                base, slot = self.base, self.slot
+                attend = TreeMask(base + self.pending, [[base + slot[a] for a in tree.ancestors(node)[1:-1]]
+                                                        + [past + i] for i, node in enumerate(nodes)])
             positions = [root_pos + tree.depth[n] for n in nodes]
             logits = runner.forward([tree.tokens[n] for n in nodes], positions, attend)
             for i, node in enumerate(nodes):
@@ -193,7 +190,9 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
 
         watch.switch("verify")
         root_pos = len(seq) - 1
-        logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], tree.ancestor_mask())
+        # the target's cache holds seq[:-1]: every node sees it, then its ancestors and itself
+        mask = TreeMask(root_pos, [[root_pos + a for a in tree.ancestors(i)] for i in range(len(tree))])
+        logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], mask)
         result.target_calls += 1
         result.nodes_per_call.append(len(tree))
         if trace is not None:

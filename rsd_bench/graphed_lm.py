@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kv_write, tree_attention
 from .device_graph import SetupClock
-from .lm import CACHE_KEYWORD
+from .lm import CACHE_KEYWORD, TreeMask
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class GraphedRunner:
         pin = self.device.type == "cuda"
         self._pin_ints = torch.zeros(2 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
         self._pin_bits = torch.zeros(max(buckets) * capacity, dtype=torch.uint8, pin_memory=pin)
+        self._ints_np, self._bits_np = self._pin_ints.numpy(), self._pin_bits.numpy()
         self._copied = torch.cuda.Event() if pin else None
         self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
@@ -224,6 +225,8 @@ class GraphedRunner:
         """
         dev, past = self.device, self.length
         allowed = torch.zeros(n, self.capacity, dtype=torch.bool, device=dev)
+        if isinstance(attend, TreeMask):
+            attend = attend.dense(n, past + n)
         if attend is None:
             attend = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
         else:
@@ -244,29 +247,42 @@ class GraphedRunner:
         see only the prefix and themselves, stay finite, and no real row sees them).
         """
         n, length = len(tokens), self.length
-        if attend is not None:
-            attend = attend.to("cpu", torch.bool)
-        if attend is None or attend.shape[1] == n:
-            P = length
-        else:  # [n, length + n]: the prefix every row sees goes to P, the rest into the block
-            partial = (~attend.all(0)).nonzero()
-            P = min(int(partial[0]) if len(partial) else length, length)
-            attend = attend[:, P:]
+        if isinstance(attend, TreeMask):
+            P = min(attend.prefix, length)
+            attend_rows = attend.rows
+            attend = None
+        else:
+            attend_rows = None
+            if attend is not None:
+                attend = attend.to("cpu", torch.bool)
+            if attend is None or attend.shape[1] == n:
+                P = length
+            else:  # [n, length + n]: the prefix every row sees goes to P, the rest into the block
+                partial = (~attend.all(0)).nonzero()
+                P = min(int(partial[0]) if len(partial) else length, length)
+                attend = attend[:, P:]
         width = length + bucket - P
         if self._copied is not None:
             self._copied.synchronize()  # the previous call's copies have left these buffers
         pad = [0] * (bucket - n)
-        self._pin_ints[: 2 * bucket + 3] = torch.tensor(tokens + pad + positions + pad + [P, width, length])
-        bits = self._pin_bits[: bucket * width].view(bucket, width)
-        bits.zero_()
-        if attend is None:
-            bits[:n, length - P : length - P + n] = self._tril[:n, :n]
+        # numpy views of the pinned buffers: a list assignment there costs ~1 us, a torch.tensor
+        # plus a tensor copy ~10 (this runs between a draft level's host read and its next call)
+        self._ints_np[: 2 * bucket + 3] = tokens + pad + positions + pad + [P, width, length]
+        used = bucket * width
+        flat = self._bits_np[:used]
+        flat[:] = 0
+        own = length - P  # block column of the first new row
+        if attend_rows is not None:
+            flat[[i * width + c - P for i, row in enumerate(attend_rows) for c in row]] = 1
+        elif attend is None:
+            bits = self._pin_bits[:used].view(bucket, width)
+            bits[:n, own : own + n] = self._tril[:n, :n]
         else:
+            bits = self._pin_bits[:used].view(bucket, width)
             bits[:n, : attend.shape[1]] = attend
-        if bucket > n:
-            r = torch.arange(n, bucket)
-            bits[r, length - P + r] = 1
-        return bucket * width
+        if bucket > n:  # padded rows: the prefix and themselves
+            flat[[r * width + own + r for r in range(n, bucket)]] = 1
+        return used
 
     def _bucket_step(self, bucket: int, ints: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """A bucket call from its packed inputs (see _pack), all on the device: what the graph holds."""
@@ -278,7 +294,8 @@ class GraphedRunner:
         allowed = (rel < 0) | (in_block & (bits[idx] != 0))
         mask = torch.where(allowed, self._zero, self._negt).view(1, 1, bucket, self.capacity)
         tree_attention.set_bound(self.cache.write_pos)  # rsd_tree reads no column past the last row's
-        return self._bucket_forward(ints[:bucket].view(1, -1), ints[bucket : 2 * bucket].view(1, -1), mask)
+        logits = self._bucket_forward(ints[:bucket].view(1, -1), ints[bucket : 2 * bucket].view(1, -1), mask)
+        return logits.float()  # inside the graph: forward() then hands them out without a launch
 
     @torch.no_grad()
     def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,6 +326,8 @@ class GraphedRunner:
         logits = logits[:n]
         if self.vocab_size is not None:
             logits = logits[:, : self.vocab_size]
+        # on a GPU these are the bucket graph's own output: read or copy them before the next call
+        # of the same bucket size (the engine turns them into probabilities at once)
         return logits.float()
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -53,6 +54,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class TreeMask(NamedTuple):
+    """An attention pattern as lists, for callers that know it row by row (tree calls): every row
+    sees the cache columns below `prefix`, and row i also the absolute columns in rows[i]
+    (its cached ancestors past the prefix and its own new position). Cheaper on the host than
+    a dense [n, length + n] bool tensor, which the fast runner would only turn back into bits."""
+
+    prefix: int
+    rows: list[list[int]]
+
+    def dense(self, n: int, width: int) -> torch.Tensor:
+        """bool [n, width] over cache columns 0 .. width - 1."""
+        attend = torch.zeros(n, width, dtype=torch.bool)
+        attend[:, : self.prefix] = True
+        cols = [(i, c) for i, row in enumerate(self.rows) for c in row]
+        if cols:
+            r, c = zip(*cols)
+            attend[list(r), list(c)] = True
+        return attend
+
+
 class ModelRunner:
     """A model plus its KV cache; `length` is the number of committed cache entries."""
 
@@ -83,13 +104,15 @@ class ModelRunner:
     def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
         """Run new tokens through the model; return float32 logits [n, V].
 
-        attend: bool [n, n] (pattern among the new tokens; every cached entry is visible) or
-        bool [n, length + n] (full pattern, for drafts that must hide cached sibling nodes);
-        None means causal.
+        attend: bool [n, n] (pattern among the new tokens; every cached entry is visible),
+        bool [n, length + n] (full pattern, for drafts that must hide cached sibling nodes), or
+        the same as a TreeMask; None means causal.
         """
         ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
         pos = torch.as_tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
         n, past = ids.shape[1], self.cache.length
+        if isinstance(attend, TreeMask):
+            attend = attend.dense(n, past + n)
         if attend is None:
             attend = torch.ones(n, n, dtype=torch.bool).tril_()
         attend = attend.to(self.device)

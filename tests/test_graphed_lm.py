@@ -226,3 +226,24 @@ def test_parts_modes_run_the_fused_forward(restore_rotary):
         runner = GraphedRunner(tiny_llama(layers=1, seed=7), capacity=64, compile=mode)
         assert runner._compiled == runner._call_fused
         assert ("linear" in runner.fused) is matmuls and runner.cache.one_kernel_writes is matmuls
+
+
+def test_tree_mask_packs_the_same_bits_as_its_dense_pattern(models):
+    from rsd_bench.lm import TreeMask
+
+    runner = GraphedRunner(models[0], vocab_size=259, capacity=256, use_graphs=False)
+    runner.length = 40
+    gen = torch.Generator().manual_seed(0)
+    for n, prefix, bucket in [(3, 37, 4), (5, 40, 8), (1, 30, 1), (6, 33, 8)]:
+        past = runner.length
+        cached = [torch.randint(prefix, past, (3,), generator=gen).tolist() if prefix < past else []
+                  for _ in range(n)]
+        rows = [sorted(set(c) | {past + i}) for i, c in enumerate(cached)]
+        mask = TreeMask(prefix, rows)
+        used = runner._pack(list(range(n)), [past] * n, bucket, mask)
+        ints, bits = runner._pin_ints[: 2 * bucket + 3].clone(), runner._pin_bits[:used].clone()
+        dense = mask.dense(n, past + n)
+        assert dense[:, :prefix].all() and dense.sum() == n * prefix + sum(map(len, rows))
+        assert runner._pack(list(range(n)), [past] * n, bucket, dense) == used
+        assert torch.equal(runner._pin_ints[: 2 * bucket + 3], ints)
+        assert torch.equal(runner._pin_bits[:used], bits)
