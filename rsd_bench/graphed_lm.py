@@ -273,6 +273,8 @@ class GraphedRunner:
         flat[:] = 0
         own = length - P  # block column of the first new row
         if attend_rows is not None:
+            if not all(P <= c < length + n for row in attend_rows for c in row):
+                raise ValueError(f"a TreeMask row names a column outside [{P}, {length + n}): {attend_rows}")
             flat[[i * width + c - P for i, row in enumerate(attend_rows) for c in row]] = 1
         elif attend is None:
             bits = self._pin_bits[:used].view(bucket, width)

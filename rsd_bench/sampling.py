@@ -7,6 +7,8 @@ because acceptance ratios of half-precision probabilities are noisy (a known tra
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .device_graph import UniformPool, graphed
@@ -36,11 +38,26 @@ def uniform(gen, shape=(), device=None) -> torch.Tensor:
     return torch.rand(shape, generator=gen, device=device or gen.device, dtype=torch.float32)
 
 
+def zero_stands_for_top(device) -> bool:
+    """What a uniform number of exactly 0 stands for (it comes about once per 2^24-2^25 numbers:
+    a vocabulary row's worth every few hundred draws, so what replaces it matters).
+
+    On the CPU torch's uniform numbers are multiples of 2^-24 in [0, 1): 0 is the bottom cell
+    [0, 2^-24). On CUDA, uniform_ turns curand's (0, 1] into [0, 1) by mapping 1.0 to 0.0 and
+    keeps the fine values near 0, so there 0 stands for the top of the range, (1 - 2^-25, 1].
+    """
+    return torch.device(device).type == "cuda"
+
+
+# -log(1 - U) and -log(-log(U)) in the middle of the cell a U of 0 stands for
+_ZERO_RACE = {False: 2.0**-25, True: 26 * math.log(2.0)}
+_ZERO_GUMBEL = {False: -math.log(25 * math.log(2.0)), True: 26 * math.log(2.0)}
+
+
 def gumbel(gen, shape, device=None) -> torch.Tensor:
     u = uniform(gen, shape, device)
-    # clamp keeps -log(-log(u)) finite at the ends of float32's range
-    u = u.clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - torch.finfo(torch.float32).eps)
-    return -torch.log(-torch.log(u))
+    g = -torch.log(-torch.log(u.clamp(max=1.0 - 2.0**-24)))  # -inf at u = 0, replaced below
+    return torch.where(u > 0, g, _ZERO_GUMBEL[zero_stands_for_top(u.device)])
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +84,8 @@ CHUNK = 512  # row_max's first stage: elements per partial maximum
 
 
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maximum, index of its first occurrence) over the last dimension, like x.max(-1).
+    """(maximum, index of its first occurrence) over the last dimension of a floating-point x,
+    like x.max(-1).
 
     Long rows go in two stages, maxima of 512-element chunks and then the maximum of those:
     one reduction over a whole row runs as one thread block per row, and Inductor does not
@@ -88,9 +106,6 @@ def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values[..., 0], (chunk * CHUNK + part_i.gather(-1, chunk))[..., 0]
 
 
-SMALLEST_RACE = 2.0**-25  # the exponential race value a pooled uniform of exactly 0 stands for
-
-
 def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One token per row of (unnormalised) probabilities, as a device tensor: no host sync.
 
@@ -100,11 +115,12 @@ def sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     which cost more than the draw itself at every draft step and verified node.
     """
     if isinstance(gen, UniformPool):
-        # -log(1 - U), U in [0, 1): Exp(1). U is a multiple of 2^-24 and exactly 0 about once per
-        # 2^24 numbers (a vocabulary row's worth every ~500 draws). Its race value is clamped
-        # to the middle of that first cell: clamped to float32's tiny instead, p / E made any
-        # token with p > 0 win, so tokens of p < ~1e-7 were drawn up to ~V 2^-24 too often.
-        race = torch.log1p(-gen.take(probs.shape)).neg_().clamp_min_(SMALLEST_RACE)
+        # -log(1 - U), U in [0, 1): Exp(1). A U of exactly 0 gets the race value of the cell it
+        # stands for (zero_stands_for_top). Left at 0 and clamped to float32's tiny, p / E made
+        # its token win whatever its probability: tokens of p < ~1e-7 were drawn up to ~V 2^-24
+        # too often, and on CUDA, where 0 stands for U near 1, that token should almost never win.
+        u = gen.take(probs.shape)
+        race = torch.where(u > 0, torch.log1p(-u).neg_(), _ZERO_RACE[zero_stands_for_top(u.device)])
     else:  # exponential_ excludes 0 in current PyTorch; the clamp keeps p / E finite regardless
         race = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=gen)
         race.clamp_min_(torch.finfo(torch.float32).tiny)

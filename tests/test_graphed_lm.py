@@ -247,3 +247,12 @@ def test_tree_mask_packs_the_same_bits_as_its_dense_pattern(models):
         assert runner._pack(list(range(n)), [past] * n, bucket, dense) == used
         assert torch.equal(runner._pin_ints[: 2 * bucket + 3], ints)
         assert torch.equal(runner._pin_bits[:used], bits)
+
+
+def test_tree_mask_with_a_column_outside_the_block_is_refused(models):
+    from rsd_bench.lm import TreeMask
+
+    runner = GraphedRunner(models[0], vocab_size=259, capacity=256, use_graphs=False)
+    runner.length = 40
+    with pytest.raises(ValueError, match="outside"):  # below the prefix: would set another row's bit
+        runner._pack([1, 2], [40, 40], 2, TreeMask(38, [[37, 40], [41]]))

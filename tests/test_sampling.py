@@ -48,18 +48,39 @@ def test_top_k_by_argmax_matches_topk(dtype):
     assert torch.equal(flat_values, scores.view(-1).topk(3).values)
 
 
-def test_a_zero_uniform_does_not_hand_the_race_to_a_negligible_token():
-    # A pooled uniform is exactly 0 about once per 2^24 numbers. It stands for an Exp(1) value
-    # in [0, 2^-24), which lets a token win only if p / E beats the others; a token of
-    # probability 1e-12 must still lose to one holding almost all the mass.
+def _pool_with(numbers):
     from rsd_bench.device_graph import UniformPool
 
-    probs = torch.tensor([[1.0 - 3e-12, 1e-12, 1e-12, 1e-12]])
     pool = UniformPool("cpu")
-    pool.take(probs.shape)
+    pool.take(len(numbers))
     pool.allocate()
-    pool.buffer.copy_(torch.tensor([0.5, 0.0, 0.3, 0.9]))
-    assert int(sample_rows(probs, pool)) == 0
+    pool.buffer.copy_(torch.tensor(numbers))
+    return pool
+
+
+def test_a_zero_uniform_does_not_hand_the_race_to_a_negligible_token():
+    # On the CPU a pooled uniform of exactly 0 (once per 2^24 numbers) stands for U in
+    # [0, 2^-24): an Exp(1) value that small lets a token win only if p / E beats the others,
+    # so a token of probability 1e-12 must still lose to one holding almost all the mass.
+    probs = torch.tensor([[1.0 - 3e-12, 1e-12, 1e-12, 1e-12]])
+    assert int(sample_rows(probs, _pool_with([0.5, 0.0, 0.3, 0.9]))) == 0
+
+
+def test_a_zero_uniform_stands_for_the_top_of_the_range_on_cuda(monkeypatch):
+    # torch's CUDA uniform_ maps curand's 1.0 to 0.0: there a 0 stands for U near 1, an Exp(1)
+    # value of ~18 that almost never wins, and a Gumbel value of ~18 that almost always does.
+    from rsd_bench import sampling
+
+    probs = torch.tensor([[0.5, 0.5 - 1e-9, 1e-9]])
+    numbers = [0.0, 0.5, 0.5]
+    assert int(sample_rows(probs, _pool_with(numbers))) == 0  # CPU: 0 is the bottom cell, E ~ 3e-8
+    monkeypatch.setattr(sampling, "zero_stands_for_top", lambda device: True)
+    assert int(sample_rows(probs, _pool_with(numbers))) == 1  # CUDA: E ~ 18, token 1's p / E wins
+    g = sampling.gumbel(_pool_with([0.0, 0.999]), (2,))
+    assert g[0] > 17 and torch.isfinite(g).all()
+    monkeypatch.setattr(sampling, "zero_stands_for_top", lambda device: False)
+    g = sampling.gumbel(_pool_with([0.0, 0.999]), (2,))
+    assert -3 < g[0] < -2.8 and torch.isfinite(g).all()
 
 
 @pytest.mark.parametrize("n", [100, 4 * 512, 5000])  # one stage; chunks; chunks with padding
