@@ -4,10 +4,10 @@ A block's host time is mostly kernel launches of tiny ops (~10 us each on the GP
 sampling a draft token, a draft level's Gumbel-top-k, the verification. `graphed(fn)` captures
 such a function once per input shapes and replays it (three launches: refill the pool, copy the
 inputs, replay). What is captured is the function compiled by Inductor (`fuse`), so a replay
-runs a few fused kernels rather than one per op. A CUDA graph cannot draw from a user's torch.Generator, so a captured function
-draws from a `UniformPool`, refilled from the example's generator before every replay; the
-sampling helpers (`rsd_bench.sampling`) take either. On the CPU (or when capture fails) the
-function runs plainly with the generator.
+runs a few fused kernels rather than one per op. A CUDA graph cannot draw from a user's
+torch.Generator, so a captured function draws from a `UniformPool`, refilled from the example's
+generator before every replay; the sampling helpers (`rsd_bench.sampling`) take either. On the
+CPU (or when capture fails) the function runs plainly with the generator.
 """
 
 from __future__ import annotations
