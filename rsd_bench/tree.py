@@ -66,14 +66,3 @@ class DraftTree:
     @property
     def max_depth(self) -> int:
         return max(self.depth)
-
-    def ancestor_mask(self, nodes: list[int] | None = None) -> torch.Tensor:
-        """Bool [len(nodes), len(self)]: row i marks the ancestors of nodes[i] and itself."""
-        nodes = list(range(len(self))) if nodes is None else nodes
-        rows = []
-        for node in nodes:  # built as host lists: one tensor op instead of one per row
-            row = [False] * len(self)
-            for a in self.ancestors(node):
-                row[a] = True
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.bool).view(len(nodes), len(self))
