@@ -276,12 +276,12 @@ class GraphedRunner:
             if not all(P <= c < length + n for row in attend_rows for c in row):
                 raise ValueError(f"a TreeMask row names a column outside [{P}, {length + n}): {attend_rows}")
             flat[[i * width + c - P for i, row in enumerate(attend_rows) for c in row]] = 1
-        elif attend is None:
-            bits = self._pin_bits[:used].view(bucket, width)
-            bits[:n, own : own + n] = self._tril[:n, :n]
         else:
             bits = self._pin_bits[:used].view(bucket, width)
-            bits[:n, : attend.shape[1]] = attend
+            if attend is None:
+                bits[:n, own : own + n] = self._tril[:n, :n]
+            else:
+                bits[:n, : attend.shape[1]] = attend
         if bucket > n:  # padded rows: the prefix and themselves
             flat[[r * width + own + r for r in range(n, bucket)]] = 1
         return used
