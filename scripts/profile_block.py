@@ -27,7 +27,7 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench_engine import SHAPES, build_random_llama  # noqa: E402
+from bench_engine import SHAPES, _dev_time, build_random_llama  # noqa: E402
 from rsd_bench.engine import generate  # noqa: E402
 from rsd_bench.graphed_lm import GraphedRunner  # noqa: E402
 
@@ -37,13 +37,6 @@ from rsd_bench.graphed_lm import GraphedRunner  # noqa: E402
 FORWARD_HINTS = ("_dot_kernel", "_split_kernel", "_combine_kernel", "gemv", "gemm", "cutlass", "sm90",
                  "flash", "fmha", "attention", "attn", "rsd_tree", "rsqrt", "cat_mul_neg_slice", "silu",
                  "write_kv", "embedding", "nvjet", "splitk", "bfloat16")
-
-
-def _device_us(evt) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(evt, name):
-            return float(getattr(evt, name))
-    return 0.0
 
 
 def main() -> None:
@@ -72,9 +65,9 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         blocks = res.target_calls
-        kernels = [e for e in prof.key_averages() if _device_us(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in prof.key_averages() if _dev_time(e) > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
         rows = sorted(({"kernel": e.key[:120], "calls_per_block": round(e.count / blocks, 2),
-                        "us_per_block": round(_device_us(e) / blocks, 1),
+                        "us_per_block": round(_dev_time(e) / blocks, 1),
                         "forward": any(h in e.key.lower() for h in FORWARD_HINTS)} for e in kernels),
                       key=lambda r: -r["us_per_block"])
         fwd = sum(r["us_per_block"] for r in rows if r["forward"])
