@@ -1,5 +1,8 @@
 """The engine loop: draft a tree, verify it with one target forward, walk it, keep the accepted path.
 
+Draft trees grow through `_DraftSession`: node by node (`draft(nodes)`, host lists) or level by
+level on the device (`draft.children(rows)`, built into nodes by `finish` after the method returns).
+
 Invariants at the start of every block (seq = prompt + generated so far, n = len(seq)):
 - the target's cache holds seq[:-1]; seq[-1] (the root) is fed with the tree;
 - the draft's cache holds seq[:m] for some m <= n - 1; seq[m:] is fed with the first draft call.
@@ -61,6 +64,18 @@ class GenerationResult:
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+@dataclass
+class _Level:
+    """One draft.children(...) call: rows [parent; token; alive] on the device, and where its
+    draft call put them (start: cache index of row 0 relative to the session's base; None
+    without a call)."""
+
+    rows: torch.Tensor
+    start: int | None = None
+    probs: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # kept only for the trace
+
+
 class _DraftSession:
     """Runs the batched draft forwards of one block and remembers where each node sits in the cache."""
 
@@ -72,9 +87,12 @@ class _DraftSession:
         self.pending = len(seq) - self.base  # seq[m:], the root last
         self.slot: dict[int, int] = {}  # node -> cache index relative to base
         self.calls = 0
+        self.levels: list[_Level] = []  # children() calls, turned into tree nodes by finish()
 
     def __call__(self, nodes: list[int]) -> torch.Tensor:
         tree, runner, root_pos = self.tree, self.runner, len(self.seq) - 1
+        if self.levels:
+            raise RuntimeError("draft(nodes) after draft.children(...): a block grows by one or the other")
         if not self.slot:
             if nodes != [0]:
                 raise RuntimeError("the first draft call of a block must be for the root alone: draft([0])")
@@ -104,6 +122,65 @@ class _DraftSession:
         for i, node in enumerate(nodes):
             tree.draft_probs[node] = probs[i]
         return probs
+
+    def children(self, rows: torch.Tensor, forward: bool = True) -> torch.Tensor | None:
+        """Grow the tree by one level of rows without reading anything on the host.
+
+        rows: long [3, n] on the device, [parent; token; alive]. Row i carries token[i] as a
+        child of row parent[i] of the previous level (after draft([0]), the root's level: one row, 0), and
+        becomes a tree node only where alive[i] and its parent row is one; rows of the same
+        parent node and token become one node (proposed once per row, in row order, which
+        must be draw order). With forward, one batched draft call runs over all n rows, dead
+        ones included (they keep the shapes static and are never proposed), and their draft
+        distributions [n, V] are returned; the last level needs no call (forward=False).
+        The nodes exist after the method returns (`finish`, one host read per block).
+        """
+        if not self.slot or len(self.slot) > 1:
+            raise RuntimeError("draft.children(...) follows draft([0]) and no other draft(nodes) call")
+        if self.levels and self.levels[-1].start is None:
+            raise RuntimeError("draft.children(...) after a level drafted with forward=False")
+        rows = rows.clone()  # graphed level functions reuse their outputs
+        level = _Level(rows)
+        if forward:
+            runner, n = self.runner, rows.shape[1]
+            level.start = runner.length - self.base
+            depth = len(self.levels) + 1
+            logits = runner.forward_children(rows[:2], [len(self.seq) - 1 + depth] * n,
+                                             parent_offset=self.pending - 1 if depth == 1 else 0)
+            self.calls += 1
+            if self.trace is not None:
+                level.logits = logits.clone()
+            if logits.shape[-1] != self.vocab:
+                logits = logits[:, : self.vocab]
+            level.probs = to_probs(logits, self.temperature, self.top_p)
+        self.levels.append(level)
+        return level.probs
+
+    def finish(self) -> None:
+        """Turn the children() levels into tree nodes: the block's one host read of the draft."""
+        if not self.levels:
+            return
+        tree = self.tree
+        parent, tokens, alive = torch.cat([lv.rows for lv in self.levels], 1).tolist()
+        row_node: list[int | None] = [0]  # the root's level
+        first = 0
+        for level in self.levels:
+            nodes: list[int | None] = []
+            probs = level.probs.unbind(0) if level.probs is not None else None  # one call, not one per row
+            for i in range(first, first + level.rows.shape[1]):
+                above = row_node[parent[i]]
+                if not alive[i] or above is None:
+                    nodes.append(None)
+                    continue
+                node = tree.propose(above, tokens[i])
+                nodes.append(node)
+                if level.start is not None:  # the first row of a node holds its cache entry and distribution
+                    self.slot.setdefault(node, level.start + i - first)
+                    tree.draft_probs.setdefault(node, probs[i - first])
+            if self.trace is not None and level.logits is not None:
+                live = [i for i, node in enumerate(nodes) if node is not None]
+                self.trace("draft", self.seq, tree, [nodes[i] for i in live], level.logits[live])
+            row_node, first = nodes, first + level.rows.shape[1]
 
     def keep(self, path: list[int]) -> None:
         drafted = [self.slot[a] for a in path if a in self.slot]
@@ -186,6 +263,7 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             watch.switch("draft")
             session = _DraftSession(draft, seq, tree, vocab_size, temperature, top_p, trace)
             method.draft_tree(tree, session, settings, gen)
+            session.finish()
             result.draft_calls += session.calls
 
         watch.switch("verify")

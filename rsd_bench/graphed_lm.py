@@ -136,10 +136,16 @@ class GraphedRunner:
         self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
         self._negt = torch.full((), self._neg, dtype=self.dtype, device=self.device)
         pin = self.device.type == "cuda"
-        self._pin_ints = torch.zeros(2 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
+        self._pin_ints = torch.zeros(3 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
         self._pin_bits = torch.zeros(max(buckets) * capacity, dtype=torch.uint8, pin_memory=pin)
         self._ints_np, self._bits_np = self._pin_ints.numpy(), self._pin_bits.numpy()
         self._copied = torch.cuda.Event() if pin else None
+        # every bucket call leaves its rows' attention pattern here, so that forward_children
+        # can build its rows from them on the device (valid: no keep or prefill since)
+        self._rows_seen = torch.zeros(max(buckets), capacity, dtype=torch.bool, device=self.device)
+        self._rows_valid = False
+        self._child_graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, logits)
+        self._child_views: dict[tuple, tuple] = {}  # (bucket, rows) -> see _children_graph
         self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
@@ -210,6 +216,7 @@ class GraphedRunner:
                              f"built with capacity {self.capacity}; raise `capacity` (pair.max_context)")
         self.length = 0
         self.calls = 0
+        self._rows_valid = False
 
     def _bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -294,9 +301,25 @@ class GraphedRunner:
         in_block = (rel >= 0) & (rel < width)
         idx = self._rows[:bucket, None] * width + torch.minimum(rel.clamp(min=0), width - 1)
         allowed = (rel < 0) | (in_block & (bits[idx] != 0))
+        self._rows_seen[:bucket].copy_(allowed)
+        return self._masked_forward(bucket, allowed, ints[:bucket], ints[bucket : 2 * bucket])
+
+    def _children_step(self, bucket: int, ints: torch.Tensor) -> torch.Tensor:
+        """A forward_children call, all on the device: ints = [parent rows (bucket), ids (bucket),
+        positions (bucket), length, parent offset]. Row i sees what row offset + parent[i] of the
+        last call saw (`_rows_seen`), and itself."""
+        parent, ids, pos = ints[:bucket], ints[bucket : 2 * bucket], ints[2 * bucket : 3 * bucket]
+        length, offset = ints[3 * bucket], ints[3 * bucket + 1]
+        torch.add(self._rows[:bucket], length, out=self.cache.write_pos[:bucket])
+        own = self._cols == self.cache.write_pos[:bucket, None]
+        allowed = self._rows_seen.index_select(0, parent + offset) | own
+        self._rows_seen[:bucket].copy_(allowed)
+        return self._masked_forward(bucket, allowed, ids, pos)
+
+    def _masked_forward(self, bucket: int, allowed: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor):
         mask = torch.where(allowed, self._zero, self._negt).view(1, 1, bucket, self.capacity)
         tree_attention.set_bound(self.cache.write_pos)  # rsd_tree reads no column past the last row's
-        logits = self._bucket_forward(ints[:bucket].view(1, -1), ints[bucket : 2 * bucket].view(1, -1), mask)
+        logits = self._bucket_forward(ids.view(1, -1), pos.view(1, -1), mask)
         return logits.float()  # inside the graph: forward() then hands them out without a launch
 
     @torch.no_grad()
@@ -311,13 +334,9 @@ class GraphedRunner:
                                "raise the fast runner's capacity")
         if bucket is not None:
             used = self._pack(tokens, positions, bucket, attend)
-            if self.use_graphs:
-                logits = self._replay(bucket, used)
-            else:
-                ints = self._pin_ints[: 2 * bucket + 3].to(self.device, copy=True)
-                bits = self._pin_bits[:used].to(self.device, copy=True)
-                logits = self._bucket_step(bucket, ints, bits)[0]
+            logits = self._run_bucket(bucket, used)
         else:  # longer than the largest bucket (prefill): no graph, the mask built directly
+            self._rows_valid = False
             mask = self._mask(n, attend)
             self.cache.write_pos[:n].copy_(torch.arange(self.length, self.length + n))
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
@@ -333,16 +352,67 @@ class GraphedRunner:
         return logits.float()
 
     @torch.no_grad()
-    def keep(self, start: int, rel_indices: list[int]) -> None:
-        n = len(rel_indices)
-        if n and list(rel_indices) != list(range(n)):
-            src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
-            kv = self.cache.kv
-            kv[:, :, :, :, start : start + n] = kv.index_select(4, src)
-        self.length = start + n
+    def forward_children(self, rows: torch.Tensor, positions: list[int], parent_offset: int = 0) -> torch.Tensor:
+        """ModelRunner.forward_children: rows = [parent; token] (long [2, n], on the device); row i
+        extends row parent_offset + parent[i] of the last call. A graph of its own per bucket
+        builds the rows' pattern from the last call's on the device and reads the token ids
+        there: the host writes only positions and lengths, so the next draft level is queued
+        while the GPU still runs this one (four launches, no synchronisation)."""
+        n = len(positions)
+        bucket = self._bucket(n)
+        if bucket is None or not self._rows_valid:
+            raise RuntimeError(f"forward_children of {n} rows needs a bucket (at most {max(self.buckets)} "
+                               "rows) and a previous bucket call since the last reset or keep; use fewer "
+                               "draft rows per level")
+        if self.length + bucket > self.capacity:
+            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {bucket}); "
+                               "raise the fast runner's capacity")
+        if self._copied is not None:
+            self._copied.synchronize()
+        size = 3 * bucket + 2
+        self._ints_np[:size] = [0] * (2 * bucket) + list(positions) + [0] * (bucket - n) + [self.length, parent_offset]
+        if self.use_graphs:
+            views = self._child_views.get((bucket, n))
+            if views is None:
+                views = self._children_graph(bucket, n)
+            graph, ints, pinned, rows_in, out = views
+            ints.copy_(pinned, non_blocking=True)
+            self._copied.record()
+            rows_in.copy_(rows)
+            graph.replay()
+        else:
+            ints = self._pin_ints[:size].to(self.device, copy=True)
+            ints[: 2 * bucket].view(2, bucket)[:, :n] = rows
+            out = self._children_step(bucket, ints)[0, :n]
+            if self.vocab_size is not None:
+                out = out[:, : self.vocab_size]
+        self.length += n
+        self.calls += 1
+        return out
 
-    # -- CUDA graphs -------------------------------------------------------------------------------
-    def _replay(self, bucket: int, used: int) -> torch.Tensor:
+    def _children_graph(self, bucket: int, n: int) -> tuple:
+        """forward_children's graph of a bucket (captured on first use) and the views a call of n
+        rows uses, made once: every tensor op costs host time between two draft levels."""
+        if bucket not in self._child_graphs:
+            with SetupClock():  # not timed as decoding
+                seen = self._rows_seen.clone()  # warm-ups overwrite it
+                if bucket not in self._graphs:
+                    self._capture(bucket)
+                self._child_graphs[bucket] = self._capture_children(bucket)
+                self._rows_seen.copy_(seen)
+        graph, ints, logits = self._child_graphs[bucket]
+        out = logits[0, :n] if self.vocab_size is None else logits[0, :n, : self.vocab_size]
+        views = (graph, ints, self._pin_ints[: 3 * bucket + 2], ints[: 2 * bucket].view(2, bucket)[:, :n], out)
+        self._child_views[(bucket, n)] = views
+        return views
+
+    def _run_bucket(self, bucket: int, used: int) -> torch.Tensor:
+        """Run a packed bucket call: its graph on a GPU, the same step plainly elsewhere."""
+        self._rows_valid = True
+        if not self.use_graphs:
+            ints = self._pin_ints[: 2 * bucket + 3].to(self.device, copy=True)
+            bits = self._pin_bits[:used].to(self.device, copy=True)
+            return self._bucket_step(bucket, ints, bits)[0]
         if bucket not in self._graphs:
             with SetupClock():  # not timed as decoding
                 self._capture(bucket)
@@ -353,6 +423,17 @@ class GraphedRunner:
         graph.replay()
         return logits[0]
 
+    @torch.no_grad()
+    def keep(self, start: int, rel_indices: list[int]) -> None:
+        self._rows_valid = False  # the last call's columns no longer match the cache
+        n = len(rel_indices)
+        if n and list(rel_indices) != list(range(n)):
+            src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
+            kv = self.cache.kv
+            kv[:, :, :, :, start : start + n] = kv.index_select(4, src)
+        self.length = start + n
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
     def _capture(self, bucket: int) -> None:
         if self.attention != "auto":
             self._graphs[bucket] = self._capture_one(bucket)
@@ -386,24 +467,39 @@ class GraphedRunner:
         return start.elapsed_time(end) / reps
 
     def _capture_one(self, bucket: int) -> tuple:
-        dev = self.device
         # warm-ups, capture and timing replays write where nobody reads: the last `bucket` slots
         # (length = P = capacity - bucket, each row sees the prefix and itself)
         last = self.capacity - bucket
-        ints = torch.tensor([0] * (2 * bucket) + [last, bucket, last], dtype=torch.long, device=dev)
-        bits = torch.zeros(bucket * self.capacity, dtype=torch.uint8, device=dev)
-        bits[: bucket * bucket] = torch.eye(bucket, dtype=torch.uint8, device=dev).view(-1)
+        ints = torch.tensor([0] * (2 * bucket) + [last, bucket, last], dtype=torch.long, device=self.device)
+        bits = torch.zeros(bucket * self.capacity, dtype=torch.uint8, device=self.device)
+        bits[: bucket * bucket] = torch.eye(bucket, dtype=torch.uint8, device=self.device).view(-1)
+        graph, logits = self._graph_of(lambda: self._bucket_step(bucket, ints, bits), last)
+        return (graph, ints, bits, logits)
+
+    def _capture_children(self, bucket: int) -> tuple:
+        """The forward_children graph of a bucket, with the attention kernel its bucket graph chose."""
+        last = self.capacity - bucket
+        ints = torch.tensor([0] * (3 * bucket) + [last, 0], dtype=torch.long, device=self.device)
+        _set_attention(self.model, self.attention_choice[bucket]["chosen"])
+        try:
+            graph, logits = self._graph_of(lambda: self._children_step(bucket, ints), last)
+        finally:
+            _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
+        return (graph, ints, logits)
+
+    def _graph_of(self, step, last: int) -> tuple:
+        dev = self.device
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream), torch.no_grad():
             for _ in range(2):  # the first also compiles, when compiling
-                self._bucket_step(bucket, ints, bits)
+                step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():
-            logits = self._bucket_step(bucket, ints, bits)
+            logits = step()
         self.cache.kv[:, :, :, :, last:].zero_()
-        return (graph, ints, bits, logits)
+        return graph, logits
 
     def capture(self, max_tokens: int) -> None:
         """Capture every bucket up to max_tokens now, so no capture happens while timing."""

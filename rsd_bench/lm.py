@@ -89,6 +89,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.cache = TreeKVCache(0)
         self.calls = 0
+        self._last_attend: torch.Tensor | None = None  # the last call's rows, for forward_children
 
     @property
     def length(self) -> int:
@@ -99,6 +100,7 @@ class ModelRunner:
             self.cache = TreeKVCache(capacity)
         self.cache.reset()
         self.calls = 0
+        self._last_attend = None
 
     @torch.no_grad()
     def forward(self, tokens, positions, attend: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,6 +120,7 @@ class ModelRunner:
         attend = attend.to(self.device)
         if attend.shape[1] == n and past:
             attend = torch.cat([torch.ones(n, past, dtype=torch.bool, device=self.device), attend], 1)
+        self._last_attend = attend
         mask = torch.zeros(1, 1, n, past + n, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~attend.view(1, 1, n, past + n), torch.finfo(self.dtype).min)
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
@@ -129,8 +132,24 @@ class ModelRunner:
             logits = logits[:, : self.vocab_size]
         return logits.float()
 
+    @torch.no_grad()
+    def forward_children(self, rows: torch.Tensor, positions: list[int], parent_offset: int = 0) -> torch.Tensor:
+        """A call of tree rows given on the device: rows = [parent; token] (long [2, n]); row i
+        is a child of row parent_offset + parent[i] of the previous call: it sees what that row
+        saw, that row, and itself. Nothing is read on the host, so a draft tree can grow level
+        by level without a synchronisation (see engine._DraftSession.children)."""
+        prev = self._last_attend
+        if prev is None:
+            raise RuntimeError("forward_children follows a forward of the same runner (none since the "
+                               "last reset or keep)")
+        n = len(positions)
+        seen = prev[parent_offset:].index_select(0, rows[0].to(prev.device))  # [n, length]
+        own = torch.eye(n, dtype=torch.bool, device=prev.device)
+        return self.forward(rows[1], positions, torch.cat([seen, own], 1))
+
     def keep(self, start: int, rel_indices: list[int]) -> None:
         """Keep cache entries [0, start) and start+rel_indices; see TreeKVCache.keep."""
+        self._last_attend = None  # its columns no longer match the cache
         self.cache.keep(start, rel_indices)
 
 

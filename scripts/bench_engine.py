@@ -844,9 +844,15 @@ class ForwardTimer:
         return self._runner.reset(capacity)
 
     def forward(self, *args, **kwargs):
+        return self._timed(self._runner.forward, *args, **kwargs)
+
+    def forward_children(self, *args, **kwargs):
+        return self._timed(self._runner.forward_children, *args, **kwargs)
+
+    def _timed(self, call, *args, **kwargs):
         sync(self._dev)
         t = time.perf_counter()
-        out = self._runner.forward(*args, **kwargs)
+        out = call(*args, **kwargs)
         sync(self._dev)
         dt = time.perf_counter() - t
         if self._first:
@@ -882,18 +888,24 @@ class ForwardEvents:
         return self._runner.reset(capacity)
 
     def forward(self, *args, **kwargs):
+        return self._marked(self._runner.forward, *args, **kwargs)
+
+    def forward_children(self, *args, **kwargs):
+        return self._marked(self._runner.forward_children, *args, **kwargs)
+
+    def _marked(self, call, *args, **kwargs):
         if self._first:
             self._first = False
-            return self._runner.forward(*args, **kwargs)
+            return call(*args, **kwargs)
         self.calls += 1
         if self._dev.type != "cuda":
             t = time.perf_counter()
-            out = self._runner.forward(*args, **kwargs)
+            out = call(*args, **kwargs)
             self._spans.append(time.perf_counter() - t)
             return out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = self._runner.forward(*args, **kwargs)
+        out = call(*args, **kwargs)
         end.record()
         self._spans.append((start, end))
         return out

@@ -281,6 +281,25 @@ def test_cache_with_trees_larger_than_preallocated(method, L, params):
     assert checker.worst["target"] <= CACHE_TOL and checker.worst["draft"] <= CACHE_TOL, checker.worst
 
 
+@pytest.mark.parametrize("method,L,params", [("rsd_c", 3, {"branching": [4, 3, 2]}), ("rsd_s", 3, {"W": 4}),
+                                             ("spectr", 3, {"K": 4})])
+def test_cache_with_dead_rows_under_top_p(method, L, params):
+    """Under a small top-p most of a row's tokens have draft probability 0, so RSD-C and RSD-S draft
+    rows that never become nodes (dead rows, kept for static shapes) and their children die too;
+    SpecTr's chains merge often. Every drafted node's logits must still match its prefix."""
+    target, draft = runners()
+    checker = CacheChecker({"target": target.model, "draft": draft.model})
+    nodes = []
+    for seed in (0, 1):
+        r = generate(target, draft, [1, 72, 101, 108], method, L, vocab_size=V, temperature=1.0, top_p=0.3,
+                     max_new_tokens=30, seed=seed, timing=False, trace=checker, **params)
+        nodes += r.nodes_per_call
+    rows = {"rsd_c": 1 + 4 + 12 + 24, "rsd_s": 1 + 4 * 3, "spectr": 1 + 4 * 3}[method]
+    assert min(nodes) < rows  # rows died (or chains merged), and the tree left them out
+    assert checker.rows > 0 and checker.worst["target"] <= CACHE_TOL and checker.worst["draft"] <= CACHE_TOL, \
+        checker.worst
+
+
 def test_cache_checker_detects_missing_compaction():
     """The checker has teeth: a rollback that forgets to move the accepted nodes is caught."""
     checker, results, _ = check_cache("rsd_c", 2, {"branching": [3, 2]}, [1, 72, 101], seeds=(0,),

@@ -77,7 +77,9 @@ def test_method_is_exact(method, L, params, temperature, tokens):
 
 
 POOLED_SETTINGS = [("sd", 3, {}, 0.6, 3), ("spectr", 2, {"K": 3}, 1.0, 3), ("rsd_c", 2, {"branching": [3, 2]}, 1.0, 3),
-                   ("rsd_s", 2, {"W": 3}, 1.0, 3)]
+                   ("rsd_s", 2, {"W": 3}, 1.0, 3),
+                   # the draft never proposes 4: one of 5 children per row is a dead row, kept for shapes
+                   ("rsd_c", 2, {"branching": [5, 2]}, 1.0, 3)]
 
 
 @pytest.mark.slow
@@ -95,8 +97,10 @@ def test_graphed_verification_body_is_exact(monkeypatch, method, L, params, temp
 
 
 @pytest.mark.slow
-def test_exact_with_top_p():
-    samples, exact = empirical("rsd_s", 2, 2, 1.0, top_p=0.8, W=3)
+@pytest.mark.parametrize("method,params", [("rsd_s", {"W": 3}), ("rsd_c", {"branching": [3, 2]})])
+def test_exact_with_top_p(method, params):
+    """top-p zeroes tokens of the draft too: levels carry dead rows (never nodes, children dead)."""
+    samples, exact = empirical(method, 2, 2, 1.0, top_p=0.8, **params)
     pvalue, stat, dof = chi_square_pvalue(samples, exact)
     assert pvalue >= ALPHA, f"chi2={stat:.1f} dof={dof} p={pvalue:.2e}"
 

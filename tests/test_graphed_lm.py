@@ -51,6 +51,25 @@ def test_fast_runner_matches_eager(models, method, params):
             assert eager.block_efficiency > 1.2  # acceptances and compactions happened
 
 
+@pytest.mark.parametrize("method,params", [("rsd_c", {"branching": [4, 3, 2]}), ("rsd_s", {"W": 4})],
+                         ids=["rsd_c", "rsd_s"])
+def test_fast_runner_matches_eager_with_dead_rows(models, method, params):
+    """top_p = 0.3 at temperature 0.5 leaves few tokens alive, so draft levels carry dead rows: the fast runner's
+    device-built level inputs (forward_children) must match the eager runner's dense masks."""
+    target, draft = models
+    kw = dict(vocab_size=259, temperature=0.5, top_p=0.3, max_new_tokens=30, seed=2, **params)
+    got = {}
+    for name, cls in {"eager": ModelRunner, "fast": lambda m: GraphedRunner(m, capacity=512)}.items():
+        logits = []
+        res = generate(cls(target), cls(draft), [1, 40, 50, 60], method, 3,
+                       trace=lambda m, s, tr, n, out: logits.append(out.clone()), **kw)
+        got[name] = (res, logits)
+    assert got["fast"][0].tokens == got["eager"][0].tokens
+    assert max(got["eager"][0].nodes_per_call) > min(got["eager"][0].nodes_per_call)  # trees of dead rows
+    for a, b in zip(got["fast"][1], got["eager"][1]):
+        assert (a - b).abs().max() <= 1e-5
+
+
 def test_fast_runner_refuses_examples_beyond_capacity(models):
     target, _ = models
     runner = GraphedRunner(target, capacity=256)

@@ -3,6 +3,15 @@
 - `draft_tree(tree, draft, settings, gen)`: grow the draft tree. `draft(nodes)` runs ONE batched
   draft forward over those nodes and returns their draft distributions (float32 [len, V]); it
   also records them in `tree.draft_probs`. Nodes must be in the tree and their parents drafted.
+  The first call of a block is `draft([0])` (the root). After it, a method may instead grow the
+  tree a level at a time without reading anything on the host: `draft.children(rows)` with
+  rows = long [3, n] on the device, [parent; token; alive], where parent indexes the previous
+  level's rows (the root's level is one row, 0). It runs one draft forward over all n rows
+  (dead ones included, which keeps shapes static) and returns their distributions [n, V];
+  `forward=False` for the last level, which needs none. Alive rows become nodes after
+  draft_tree returns (one host read per block), proposed in row order, which must be each
+  parent's draw order; rows with the same parent node and token share a node. A block uses
+  one style or the other after the root.
 - `verify_children(target_p, draft_p, proposals, settings, gen)`: decide at a batch of nodes,
   one row each: target_p and draft_p are float32 [n, V]; `proposals` is a long tensor [n, k] on
   the same device holding each node's proposed child tokens in verification order, padded with

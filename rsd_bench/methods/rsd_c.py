@@ -1,6 +1,6 @@
 """RSD-C: a tree with constant per-level branching factors b = (b1..bL).
 
-Level l is one batched draft call over all level l-1 nodes; each draws b_l distinct children by
+Level l is one batched draft call over all level l-1 rows; each draws b_l distinct children by
 Gumbel-Top-k (top b_l of log D + Gumbel noise, descending = a without-replacement sample in draw
 order, which is what recursive rejection sampling needs). Tokens the draft gives probability 0
 are never drawn, so a node may get fewer than b_l children.
@@ -26,23 +26,24 @@ def branching_from_rule(rule: str, width: int, L: int) -> list[int]:
 
 
 @graphed
-def branch_level(probs: torch.Tensor, gen, b: int) -> torch.Tensor:
-    """[Gumbel-top-b scores; their tokens] per row, stacked for one host read (token ids are
-    exact in float64)."""
+def branch_level(probs: torch.Tensor, alive: torch.Tensor, gen, b: int):
+    """Gumbel-top-b children of every row: rows [parent; token; alive] (long [3, rows * b]),
+    parent-major and each parent's children in draw order. A child is dead where its parent is
+    or its score is -inf (a token of draft probability 0)."""
     scores = probs.log() + gumbel(gen, probs.shape, probs.device)
     values, tokens = top_k(scores, b)
-    return torch.stack([values.double(), tokens.double()])
+    parent = torch.arange(probs.shape[0], device=probs.device).repeat_interleave(b)
+    return torch.stack([parent, tokens.flatten(), ((alive[parent] != 0) & (values.flatten() > -math.inf)).long()])
 
 
 def draft_constant_branching(tree, draft, settings, gen) -> None:
-    frontier = [0]
-    for b in settings["branching"]:
-        probs = draft(frontier)
-        values, tokens = branch_level(probs, gen=gen, b=min(b, probs.shape[-1])).tolist()
-        nxt = []
-        for parent, vals, toks in zip(frontier, values, tokens):
-            nxt += [tree.propose(parent, int(x)) for v, x in zip(vals, toks) if v != -math.inf]
-        frontier = nxt
+    probs = draft([0])
+    alive = torch.ones(1, dtype=torch.long, device=probs.device)
+    branching = settings["branching"]
+    for depth, b in enumerate(branching, 1):  # static shapes: prod(b[:depth]) rows at each depth
+        rows = branch_level(probs, alive, gen=gen, b=min(b, probs.shape[-1]))
+        probs = draft.children(rows, forward=depth < len(branching))
+        alive = rows[2]
 
 
 def _resolve(s: dict) -> dict:

@@ -30,33 +30,25 @@ def shift_gumbel(perturbed: torch.Tensor, target_max: torch.Tensor) -> torch.Ten
 
 @graphed
 def beam_level(probs: torch.Tensor, phi: torch.Tensor, score: torch.Tensor, gen, width: int):
-    """One level of the beam on the device: (top scores, their flat indices into [items, V], the
-    survivors' phi, and [scores; indices] stacked for one host read)."""
+    """One level of the beam on the device: the survivors' scores, phi, and rows [parent; token;
+    alive] for draft.children, best first. Dead items (score -inf) have no children; so does a child of draft
+    probability 0, which scores -inf."""
     child_phi = phi[:, None] + probs.double().log()
     perturbed = child_phi + gumbel(gen, probs.shape, probs.device).double()
-    shifted = shift_gumbel(perturbed, score)
+    # where(), not a product: shift_gumbel gives NaN on a dead item's row
+    shifted = torch.where((score > -math.inf)[:, None], shift_gumbel(perturbed, score), -math.inf)
     values, flat = top_k(shifted.view(-1), min(width, shifted.numel()))
-    return values, flat, child_phi.view(-1)[flat], torch.stack([values, flat.double()])
+    vocab = probs.shape[-1]
+    return values, child_phi.view(-1)[flat], torch.stack([flat // vocab, flat % vocab, (values > -math.inf).long()])
 
 
 def draft_stochastic_beam(tree, draft, settings, gen) -> None:
-    width = settings["W"]
-    frontier = [0]
-    phi = score = None  # per beam item, float64 on the draft's device
-    for _ in range(settings["L"]):
-        probs = draft(frontier)
-        if phi is None:
-            phi = score = torch.zeros(1, dtype=torch.float64, device=probs.device)
-        vocab = probs.shape[-1]
-        values, flat, phi, both = beam_level(probs, phi, score, gen=gen, width=width)
-        # one host read per level (flat indices < W * V are exact in float64)
-        kept = [(i, int(f)) for i, (v, f) in enumerate(zip(*both.tolist())) if v > -math.inf]
-        score = values
-        if len(kept) < len(values):  # children of zero draft probability never survive
-            idx = torch.tensor([i for i, _ in kept], dtype=torch.long, device=probs.device)
-            phi, score = phi[idx], values[idx]
+    probs = draft([0])
+    phi = score = torch.zeros(1, dtype=torch.float64, device=probs.device)
+    for depth in range(1, settings["L"] + 1):  # static shapes: W rows at each depth (dead ones -inf)
+        score, phi, rows = beam_level(probs, phi, score, gen=gen, width=settings["W"])
         # global descending order => each parent's children are proposed in their draw order
-        frontier = [tree.propose(frontier[f // vocab], f % vocab) for _, f in kept]
+        probs = draft.children(rows, forward=depth < settings["L"])
 
 
 def _resolve(s: dict) -> dict:

@@ -5,20 +5,13 @@ repeats: they are i.i.d. draws from the draft at that node, as K-SEQ requires. C
 the accepted token are exactly those passing through the accepted child.
 """
 
-from ..sampling import sample_list
+from .chains import draft_chains
 from .kseq import kseq_verify
 from .registry import Method, register
 
 
 def draft_k_chains(tree, draft, settings, gen) -> None:
-    chain_node = [0] * settings["K"]
-    for _ in range(settings["L"]):
-        frontier = list(dict.fromkeys(chain_node))  # distinct nodes, first-seen order
-        probs = draft(frontier)
-        row = {node: i for i, node in enumerate(frontier)}
-        per_chain = probs[[row[n] for n in chain_node]]
-        tokens = sample_list(per_chain, gen)
-        chain_node = [tree.propose(n, x) for n, x in zip(chain_node, tokens)]
+    draft_chains(draft, settings["K"], settings["L"], gen)
 
 
 def _resolve(s: dict) -> dict:
