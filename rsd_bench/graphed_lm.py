@@ -144,6 +144,7 @@ class GraphedRunner:
         # can build its rows from them on the device (valid: no keep or prefill since)
         self._rows_seen = torch.zeros(max(buckets), capacity, dtype=torch.bool, device=self.device)
         self._rows_valid = False
+        self._wide_seen: torch.Tensor | None = None  # ... or the pattern of a wider forward_children call
         self._child_graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, logits)
         self._child_views: dict[tuple, tuple] = {}  # (bucket, rows) -> see _children_graph
         self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
@@ -217,6 +218,7 @@ class GraphedRunner:
         self.length = 0
         self.calls = 0
         self._rows_valid = False
+        self._wide_seen = None
 
     def _bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -337,6 +339,7 @@ class GraphedRunner:
             logits = self._run_bucket(bucket, used)
         else:  # longer than the largest bucket (prefill): no graph, the mask built directly
             self._rows_valid = False
+            self._wide_seen = None
             mask = self._mask(n, attend)
             self.cache.write_pos[:n].copy_(torch.arange(self.length, self.length + n))
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
@@ -356,17 +359,20 @@ class GraphedRunner:
         """ModelRunner.forward_children: rows = [parent; token] (long [2, n], on the device); row i
         extends row parent_offset + parent[i] of the last call. A graph of its own per bucket
         builds the rows' pattern from the last call's on the device and reads the token ids
-        there: the host writes only positions and lengths, so the next draft level is queued
-        while the GPU still runs this one (four launches, no synchronisation)."""
+        there: the host writes only positions and lengths, and reads nothing back, so the next
+        draft level is queued while the GPU still runs this one (four launches; the host waits
+        only until the previous call's inputs have left the pinned buffer). A level wider than
+        the largest bucket, and the level after it, run without a graph (_wide_children)."""
         n = len(positions)
         bucket = self._bucket(n)
-        if bucket is None or not self._rows_valid:
-            raise RuntimeError(f"forward_children of {n} rows needs a bucket (at most {max(self.buckets)} "
-                               "rows) and a previous bucket call since the last reset or keep; use fewer "
-                               "draft rows per level")
-        if self.length + bucket > self.capacity:
-            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {bucket}); "
+        if not self._rows_valid and self._wide_seen is None:
+            raise RuntimeError("forward_children follows a forward of the same runner (none since the "
+                               "last reset, keep or prefill)")
+        if self.length + (bucket or n) > self.capacity:
+            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {bucket or n}); "
                                "raise the fast runner's capacity")
+        if bucket is None or self._wide_seen is not None:
+            return self._wide_children(rows, positions, parent_offset)
         if self._copied is not None:
             self._copied.synchronize()
         size = 3 * bucket + 2
@@ -390,6 +396,22 @@ class GraphedRunner:
         self.calls += 1
         return out
 
+    def _wide_children(self, rows: torch.Tensor, positions: list[int], parent_offset: int) -> torch.Tensor:
+        """forward_children without a graph, like a prefill: for levels of more rows than the
+        largest bucket (RSD-C with b = 12-12-..., W or K > 128), whose pattern is kept whole."""
+        n, dev, length = len(positions), self.device, self.length
+        prev = self._wide_seen if self._wide_seen is not None else self._rows_seen
+        own = self._cols == torch.arange(length, length + n, device=dev)[:, None]
+        allowed = prev[parent_offset:].index_select(0, rows[0]) | own
+        mask = torch.zeros(n, self.capacity, dtype=self.dtype, device=dev).masked_fill_(~allowed, self._neg)
+        self.cache.write_pos[:n].copy_(torch.arange(length, length + n))
+        pos = torch.tensor(positions, dtype=torch.long, device=dev).view(1, -1)
+        logits = self._call_model(rows[1].reshape(1, -1), pos, mask.view(1, 1, n, -1))[0].float()
+        self._rows_valid, self._wide_seen = False, allowed
+        self.length += n
+        self.calls += 1
+        return logits if self.vocab_size is None else logits[:, : self.vocab_size]
+
     def _children_graph(self, bucket: int, n: int) -> tuple:
         """forward_children's graph of a bucket (captured on first use) and the views a call of n
         rows uses, made once: every tensor op costs host time between two draft levels."""
@@ -408,7 +430,7 @@ class GraphedRunner:
 
     def _run_bucket(self, bucket: int, used: int) -> torch.Tensor:
         """Run a packed bucket call: its graph on a GPU, the same step plainly elsewhere."""
-        self._rows_valid = True
+        self._rows_valid, self._wide_seen = True, None
         if not self.use_graphs:
             ints = self._pin_ints[: 2 * bucket + 3].to(self.device, copy=True)
             bits = self._pin_bits[:used].to(self.device, copy=True)
@@ -425,7 +447,7 @@ class GraphedRunner:
 
     @torch.no_grad()
     def keep(self, start: int, rel_indices: list[int]) -> None:
-        self._rows_valid = False  # the last call's columns no longer match the cache
+        self._rows_valid, self._wide_seen = False, None  # the last call's columns no longer match the cache
         n = len(rel_indices)
         if n and list(rel_indices) != list(range(n)):
             src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
@@ -510,3 +532,4 @@ class GraphedRunner:
                 self._capture(b)
             if b >= max_tokens:
                 break
+        self._rows_valid = False  # the warm-ups wrote their own rows over _rows_seen

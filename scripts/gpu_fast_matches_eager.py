@@ -29,6 +29,7 @@ SETTINGS = [  # (method, L, params, temperature, top_p)
     ("rsd_c", 3, {"branching": [3, 2, 1]}, 1.0, None), ("rsd_s", 3, {"W": 3}, 1.0, None),
     ("rsd_c", 3, {"branching": [4, 3, 2]}, 0.5, 0.3), ("rsd_s", 3, {"W": 4}, 0.5, 0.3),
     ("spectr", 4, {"K": 4}, 0.5, 0.3),
+    ("rsd_c", 3, {"branching": [12, 12, 1]}, 0.5, 0.3),  # a level of 144 rows: wider than any bucket
 ]
 
 

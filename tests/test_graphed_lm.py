@@ -51,11 +51,13 @@ def test_fast_runner_matches_eager(models, method, params):
             assert eager.block_efficiency > 1.2  # acceptances and compactions happened
 
 
-@pytest.mark.parametrize("method,params", [("rsd_c", {"branching": [4, 3, 2]}), ("rsd_s", {"W": 4})],
-                         ids=["rsd_c", "rsd_s"])
+@pytest.mark.parametrize("method,params", [("rsd_c", {"branching": [4, 3, 2]}), ("rsd_s", {"W": 4}),
+                                           ("rsd_c", {"branching": [12, 12, 1]})],
+                         ids=["rsd_c", "rsd_s", "rsd_c-144-rows"])
 def test_fast_runner_matches_eager_with_dead_rows(models, method, params):
-    """top_p = 0.3 at temperature 0.5 leaves few tokens alive, so draft levels carry dead rows: the fast runner's
-    device-built level inputs (forward_children) must match the eager runner's dense masks."""
+    """top_p = 0.3 at temperature 0.5 leaves few tokens alive, so draft levels carry dead rows: the
+    fast runner's device-built level inputs (forward_children) must match the eager runner's dense
+    masks. 12-12-1 drafts a level of 144 rows, wider than the largest bucket (no graph there)."""
     target, draft = models
     kw = dict(vocab_size=259, temperature=0.5, top_p=0.3, max_new_tokens=30, seed=2, **params)
     got = {}
