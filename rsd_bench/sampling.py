@@ -137,11 +137,6 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(_sample_rows_graphed(probs, gen=gen))
 
 
-def sample_list(probs: torch.Tensor, gen: torch.Generator) -> list[int]:
-    """One token per row (host ints); a CUDA graph on a GPU."""
-    return _sample_rows_graphed(probs, gen=gen).tolist()
-
-
 def normalize(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """weights / sum over the last dimension, or `fallback` where the weights vanish (residuals of
     identical distributions); rows of a 2-D tensor independently.
