@@ -125,6 +125,7 @@ class GraphedRunner:
         self.cache.allocate(*_kv_shape(model), self.dtype, self.device)
         self.length = 0
         self.calls = 0
+        self.draft_graphs: dict = {}  # draft_graph.DraftLevelsGraph per method level function and shapes
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, bits, logits)
         self._neg = torch.finfo(self.dtype).min
         self._rows = torch.arange(max(buckets), device=self.device)  # row indices of a bucket call
@@ -308,10 +309,13 @@ class GraphedRunner:
 
     def _children_step(self, bucket: int, ints: torch.Tensor) -> torch.Tensor:
         """A forward_children call, all on the device: ints = [parent rows (bucket), ids (bucket),
-        positions (bucket), length, parent offset]. Row i sees what row offset + parent[i] of the
-        last call saw (`_rows_seen`), and itself."""
-        parent, ids, pos = ints[:bucket], ints[bucket : 2 * bucket], ints[2 * bucket : 3 * bucket]
-        length, offset = ints[3 * bucket], ints[3 * bucket + 1]
+        positions (bucket), length, parent offset]."""
+        return self._children_rows(bucket, ints[:bucket], ints[bucket : 2 * bucket], ints[2 * bucket : 3 * bucket],
+                                   ints[3 * bucket], ints[3 * bucket + 1])
+
+    def _children_rows(self, bucket: int, parent, ids, pos, length, offset) -> torch.Tensor:
+        """Rows [bucket] of parents, ids and positions, written from cache index `length` on: row i
+        sees what row offset + parent[i] of the last call saw (`_rows_seen`), and itself."""
         torch.add(self._rows[:bucket], length, out=self.cache.write_pos[:bucket])
         own = self._cols == self.cache.write_pos[:bucket, None]
         allowed = self._rows_seen.index_select(0, parent + offset) | own
@@ -395,6 +399,56 @@ class GraphedRunner:
         self.length += n
         self.calls += 1
         return out
+
+    # -- draft levels inside a caller's CUDA graph (draft_graph.DraftLevelsGraph) ------------------
+    def level_bucket(self, n: int) -> int | None:
+        """The bucket a draft level of n rows runs in when captured into a draft graph (None: it
+        cannot be; too wide). Captures that bucket's own graph first, for its attention choice."""
+        bucket = self._bucket(n)
+        if bucket is not None and self.use_graphs and bucket not in self._graphs:
+            seen = self._rows_seen.clone()  # the capture's warm-ups overwrite it
+            self._capture(bucket)  # the caller is building a graph: its SetupClock covers this
+            self._rows_seen.copy_(seen)
+        return bucket
+
+    @torch.no_grad()
+    def children_body(self, rows: torch.Tensor, length, offset, position) -> torch.Tensor:
+        """forward_children's device work for a caller that captures it into its own graph:
+        rows = long [>= 2, n] ([parent; token; ...]); length (the cache index of row 0), offset
+        (the parent rows' offset in the last call) and position (every row's) are 0-d device
+        tensors or ints. Updates no host state: the caller advances the runner (`advance`) after
+        its replay. Returns float logits [n, vocab]."""
+        n = rows.shape[1]
+        bucket = self._bucket(n)
+        if bucket is None:
+            raise ValueError(f"a draft level of {n} rows is wider than the largest bucket {max(self.buckets)}")
+        parent, ids = rows[0], rows[1]
+        if bucket > n:
+            parent = torch.nn.functional.pad(parent, (0, bucket - n))
+            ids = torch.nn.functional.pad(ids, (0, bucket - n))
+        if self.use_graphs:  # the kernel the bucket's own graph chose
+            _set_attention(self.model, self.attention_choice[bucket]["chosen"])
+        try:
+            pos = position.expand(bucket) if isinstance(position, torch.Tensor) else self._rows[:bucket] * 0 + position
+            logits = self._children_rows(bucket, parent, ids, pos, length, offset)[0, :n]
+        finally:
+            if self.use_graphs:
+                _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
+        return logits if self.vocab_size is None else logits[:, : self.vocab_size]
+
+    def rows_seen(self) -> torch.Tensor:
+        """The row patterns children_body reads and writes (callers' warm-ups save and restore them)."""
+        return self._rows_seen
+
+    def children_ready(self) -> bool:
+        """Whether a children_body level can follow now: the last call was a bucket call (or a
+        children level) and nothing has moved the cache since."""
+        return self._rows_valid and self._wide_seen is None
+
+    def advance(self, rows: int, calls: int) -> None:
+        """Account for draft levels a caller's graph ran through children_body."""
+        self.length += rows
+        self.calls += calls
 
     def _wide_children(self, rows: torch.Tensor, positions: list[int], parent_offset: int) -> torch.Tensor:
         """forward_children without a graph, like a prefill: for levels of more rows than the
