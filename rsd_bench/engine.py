@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import device_graph
+from .draft_graph import DraftLevelsGraph, NoRoom, TooWide
 from .lm import ModelRunner, Stopwatch, TreeMask
 from .methods import Method, get_method
 from .sampling import to_probs
@@ -88,6 +90,7 @@ class _DraftSession:
         self.slot: dict[int, int] = {}  # node -> cache index relative to base
         self.calls = 0
         self.levels: list[_Level] = []  # children() calls, turned into tree nodes by finish()
+        self._rows: torch.Tensor | None = None  # all levels' rows at once, from grow's graph
 
     def __call__(self, nodes: list[int]) -> torch.Tensor:
         tree, runner, root_pos = self.tree, self.runner, len(self.seq) - 1
@@ -156,12 +159,77 @@ class _DraftSession:
         self.levels.append(level)
         return level.probs
 
+    def grow(self, level, probs: torch.Tensor, state: tuple, gen, levels: list[dict]) -> None:
+        """Grow the tree by len(levels) levels of a device-only level function, as this loop would:
+
+            for d, static in enumerate(levels):
+                rows, *state = level(probs, *state, gen=gen, **static)
+                probs = draft.children(rows, forward=d < len(levels) - 1)
+
+        `level` must suit `device_graph.graphed` (it may be a `graphed` function): given the same
+        input shapes and static arguments it returns the same shapes and reads nothing on the
+        host. On a fast runner on a GPU the whole loop runs as one CUDA graph
+        (draft_graph.DraftLevelsGraph), with the same random numbers as the loop.
+        """
+        if self.levels or len(self.slot) != 1:
+            raise RuntimeError("draft.grow(...) follows draft([0]) and no other draft call")
+        levels = [dict(s) for s in levels]
+        fused = self._levels_graph(level, probs, state, gen, levels) if levels else None
+        if fused is None:
+            for depth, static in enumerate(levels, 1):
+                rows, *state = level(probs, *state, gen=gen, **static)
+                probs = self.children(rows, forward=depth < len(levels))
+            return
+        start = self.runner.length - self.base
+        rows, level_probs = fused.replay(probs, state, gen, self.runner.length, self.pending - 1, len(self.seq))
+        first = 0
+        for d, width in enumerate(fused.widths):
+            drafted = d < len(level_probs)
+            self.levels.append(_Level(rows[:, first : first + width], start + first if drafted else None,
+                                      level_probs[d] if drafted else None))
+            first += width
+        self.calls += len(level_probs)
+        self._rows = rows
+
+    def _levels_graph(self, level, probs, state, gen, levels):
+        """The runner's DraftLevelsGraph for this call, or None where grow runs level by level:
+        an eager runner, no CUDA graphs (the CPU, unless tests force the pooled path), a trace
+        (it needs each level's logits), a runner that asks for it (the benchmark's synchronized
+        timer), a level wider than the largest bucket, or too little cache left for a first capture."""
+        runner = self.runner
+        if (self.trace is not None or not hasattr(runner, "children_body")
+                or not getattr(runner, "fuse_draft_levels", True) or not runner.children_ready()
+                or not (runner.use_graphs or device_graph.FORCE_POOLED) or not device_graph.pooled(probs.device)):
+            return None
+        fn = getattr(level, "fn", level)  # a `graphed` function's own body: captured into the whole
+        timed = hasattr(runner, "graph_replay")
+        key = (fn, tuple((t.shape, t.dtype) for t in (probs, *state)),
+               tuple(tuple(sorted(s.items())) for s in levels), self.vocab, self.temperature, self.top_p, timed)
+        graphs = runner.draft_graphs
+        entry = graphs.get(key)
+        if entry is None:
+            entry = DraftLevelsGraph(runner, fn, probs, state, levels, self.vocab, self.temperature,
+                                     self.top_p, timed)
+            try:
+                entry.build(probs, state, gen, runner.length, self.pending - 1, len(self.seq))
+            except TooWide:
+                entry = False
+            except NoRoom:
+                return None
+            graphs[key] = entry
+        if entry is False:
+            return None
+        if runner.length + entry.rows_drafted() + max(runner.buckets) > runner.capacity:
+            return None  # level by level, where forward_children says whether it fits
+        return entry
+
     def finish(self) -> None:
         """Turn the children() levels into tree nodes: the block's one host read of the draft."""
         if not self.levels:
             return
         tree = self.tree
-        parent, tokens, alive = torch.cat([lv.rows for lv in self.levels], 1).tolist()
+        rows = self._rows if self._rows is not None else torch.cat([lv.rows for lv in self.levels], 1)
+        parent, tokens, alive = rows.tolist()
         row_node: list[int | None] = [0]  # the root's level
         first = 0
         for level in self.levels:

@@ -27,6 +27,4 @@ def chain_level(probs: torch.Tensor, rep: torch.Tensor, gen):
 def draft_chains(draft, chains: int, length: int, gen) -> None:
     probs = draft([0])
     rep = torch.zeros(chains, dtype=torch.long, device=probs.device)  # every chain starts at the root
-    for depth in range(1, length + 1):
-        rows, rep = chain_level(probs, rep, gen=gen)
-        probs = draft.children(rows, forward=depth < length)
+    draft.grow(chain_level, probs, (rep,), gen, [{}] * length)

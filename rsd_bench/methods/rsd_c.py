@@ -27,23 +27,21 @@ def branching_from_rule(rule: str, width: int, L: int) -> list[int]:
 
 @graphed
 def branch_level(probs: torch.Tensor, alive: torch.Tensor, gen, b: int):
-    """Gumbel-top-b children of every row: rows [parent; token; alive] (long [3, rows * b]),
-    parent-major and each parent's children in draw order. A child is dead where its parent is
-    or its score is -inf (a token of draft probability 0)."""
+    """Gumbel-top-b children of every row: (rows [parent; token; alive] (long [3, rows * b]),
+    their alive row), parent-major and each parent's children in draw order. A child is dead
+    where its parent is or its score is -inf (a token of draft probability 0)."""
     scores = probs.log() + gumbel(gen, probs.shape, probs.device)
-    values, tokens = top_k(scores, b)
-    parent = torch.arange(probs.shape[0], device=probs.device).repeat_interleave(b)
-    return torch.stack([parent, tokens.flatten(), ((alive[parent] != 0) & (values.flatten() > -math.inf)).long()])
+    values, tokens = top_k(scores, min(b, probs.shape[-1]))
+    parent = torch.arange(probs.shape[0], device=probs.device).repeat_interleave(values.shape[-1])
+    rows = torch.stack([parent, tokens.flatten(), ((alive[parent] != 0) & (values.flatten() > -math.inf)).long()])
+    return rows, rows[2]
 
 
 def draft_constant_branching(tree, draft, settings, gen) -> None:
     probs = draft([0])
     alive = torch.ones(1, dtype=torch.long, device=probs.device)
-    branching = settings["branching"]
-    for depth, b in enumerate(branching, 1):  # static shapes: prod(b[:depth]) rows at each depth
-        rows = branch_level(probs, alive, gen=gen, b=min(b, probs.shape[-1]))
-        probs = draft.children(rows, forward=depth < len(branching))
-        alive = rows[2]
+    # static shapes: prod(b[:depth]) rows at each depth
+    draft.grow(branch_level, probs, (alive,), gen, [{"b": b} for b in settings["branching"]])
 
 
 def _resolve(s: dict) -> dict:

@@ -30,25 +30,24 @@ def shift_gumbel(perturbed: torch.Tensor, target_max: torch.Tensor) -> torch.Ten
 
 @graphed
 def beam_level(probs: torch.Tensor, phi: torch.Tensor, score: torch.Tensor, gen, width: int):
-    """One level of the beam on the device: the survivors' scores, phi, and rows [parent; token;
-    alive] for draft.children, best first. Dead items (score -inf) have no children; so does a child of draft
-    probability 0, which scores -inf."""
+    """One level of the beam on the device: rows [parent; token; alive] for draft.children, best
+    first, and the survivors' phi and scores. Dead items (score -inf) have no children; so does a
+    child of draft probability 0, which scores -inf."""
     child_phi = phi[:, None] + probs.double().log()
     perturbed = child_phi + gumbel(gen, probs.shape, probs.device).double()
     # where(), not a product: shift_gumbel gives NaN on a dead item's row
     shifted = torch.where((score > -math.inf)[:, None], shift_gumbel(perturbed, score), -math.inf)
     values, flat = top_k(shifted.view(-1), min(width, shifted.numel()))
     vocab = probs.shape[-1]
-    return values, child_phi.view(-1)[flat], torch.stack([flat // vocab, flat % vocab, (values > -math.inf).long()])
+    return torch.stack([flat // vocab, flat % vocab, (values > -math.inf).long()]), child_phi.view(-1)[flat], values
 
 
 def draft_stochastic_beam(tree, draft, settings, gen) -> None:
     probs = draft([0])
     phi = score = torch.zeros(1, dtype=torch.float64, device=probs.device)
-    for depth in range(1, settings["L"] + 1):  # static shapes: W rows at each depth (dead ones -inf)
-        score, phi, rows = beam_level(probs, phi, score, gen=gen, width=settings["W"])
-        # global descending order => each parent's children are proposed in their draw order
-        probs = draft.children(rows, forward=depth < settings["L"])
+    # static shapes: W rows at each depth (dead ones -inf); the rows are in global descending
+    # order, so each parent's children are proposed in their draw order
+    draft.grow(beam_level, probs, (phi, score), gen, [{"width": settings["W"]}] * settings["L"])
 
 
 def _resolve(s: dict) -> dict:

@@ -1,0 +1,90 @@
+"""draft.grow's one-graph path (draft_graph.DraftLevelsGraph) drafts what the level-by-level path does.
+
+On the CPU the graph's body runs plainly (device_graph.FORCE_POOLED: pools and padded shapes as
+on a GPU). Both paths draw the same uniform numbers in the same order, so from one seed they must
+give the same tokens, block by block; any difference in the rows, their cache slots or the
+distributions handed to the verifier would change what is accepted.
+"""
+
+import pytest
+import torch
+
+from rsd_bench import device_graph, draft_graph
+from rsd_bench.engine import generate
+from rsd_bench.graphed_lm import GraphedRunner
+from rsd_bench.tiny_models import tiny_llama
+
+SETTINGS = [("sd", 4, {}, None), ("sd", 1, {}, None), ("spectr", 3, {"K": 3}, None),
+            ("rsd_c", 3, {"branching": [3, 2, 1]}, None), ("rsd_s", 3, {"W": 3}, None),
+            ("rsd_c", 3, {"branching": [4, 3, 2]}, 0.3), ("rsd_s", 3, {"W": 4}, 0.3),
+            ("rsd_c", 3, {"branching": [12, 12, 1]}, None)]
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_llama(seed=0)
+    draft = tiny_llama(seed=0)
+    with torch.no_grad():  # a close draft, so blocks accept several tokens
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.1 * p.std())
+    return target, draft
+
+
+class LevelByLevel(GraphedRunner):
+    fuse_draft_levels = False
+
+
+@pytest.mark.parametrize("method,L,params,top_p", SETTINGS,
+                         ids=[f"{m}-L{L}-{'-'.join(f'{v}' for v in p.values())}-p{t}" for m, L, p, t in SETTINGS])
+def test_one_graph_drafts_what_levels_do(monkeypatch, models, method, L, params, top_p):
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    built = []
+    real_build = draft_graph.DraftLevelsGraph.build
+    monkeypatch.setattr(draft_graph.DraftLevelsGraph, "build",
+                        lambda self, *a, **k: (built.append(self), real_build(self, *a, **k))[1])
+    target, draft = models
+    kw = dict(vocab_size=259, temperature=0.5 if top_p else 1.0, top_p=top_p, max_new_tokens=30, **params)
+    for seed in range(2):
+        got = {}
+        for name, cls in {"levels": LevelByLevel, "graph": GraphedRunner}.items():
+            t, d = cls(target, capacity=512, use_graphs=False), cls(draft, capacity=512, use_graphs=False)
+            got[name] = generate(t, d, [1, 40, 50, 60], method, L, seed=seed, timing=False, **kw)
+            if name == "graph":
+                graphs = list(d.draft_graphs.values())
+        a, b = got["levels"], got["graph"]
+        assert b.tokens == a.tokens
+        assert b.tokens_per_block == a.tokens_per_block and b.nodes_per_call == a.nodes_per_call
+        assert b.draft_calls == a.draft_calls
+        wide = params.get("branching", [0])[0] * params.get("branching", [0, 0])[1] > 128
+        if wide:  # 144 rows: no bucket holds the level, so it runs level by level
+            assert graphs == [False]
+        else:
+            assert len(graphs) == 1 and graphs[0] is not False
+    assert built
+    if not wide and L > 1 and method != "sd":
+        assert got["graph"].block_efficiency > 1.2  # acceptances and compactions happened
+
+
+def test_grow_keeps_the_cache_as_levels_do(monkeypatch, models):
+    """After a fused block, the draft cache holds what forward_children left: the next block's
+    root call attends over the kept path (compared through the logits of the next draft([0]))."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    target, draft = models
+    logits = {}
+    for name, cls in {"levels": LevelByLevel, "graph": GraphedRunner}.items():
+        d = cls(draft, capacity=512, use_graphs=False)
+        seen = []
+        real = d.forward
+
+        def forward(tokens, positions, attend=None, _real=real, _seen=seen):
+            out = _real(tokens, positions, attend)
+            _seen.append(out.clone())
+            return out
+
+        d.forward = forward
+        generate(cls(target, capacity=512, use_graphs=False), d, [1, 40, 50, 60], "rsd_s", 3,
+                 vocab_size=259, max_new_tokens=20, seed=5, timing=False, W=3)
+        logits[name] = seen
+    assert len(logits["graph"]) == len(logits["levels"]) > 3
+    for a, b in zip(logits["graph"], logits["levels"]):
+        assert (a - b).abs().max() <= 1e-5
