@@ -1,5 +1,9 @@
 """On a GPU, the fast runner (CUDA graphs, device-built draft levels) against the eager runner.
 
+Each setting runs three ways: eager; fast with a trace (draft levels one by one, logits
+compared); fast without one (a block's draft levels as one CUDA graph, draft_graph; tokens
+compared).
+
 tests/test_graphed_lm.py checks the same on the CPU, where the fast runner runs its bucket steps
 without graphs; only a GPU captures them (the bucket graphs, forward_children's graphs, the
 verification and draft-level graphs). Same tiny fp32 models and prompts as those tests, every
@@ -53,12 +57,18 @@ def main() -> int:
                                max_new_tokens=40, seed=seed, timing=False,
                                trace=lambda m, s, tr, n, out: logits.append(out.clone()), **params)
                 got[name] = (res, logits, time.time() - t0)
+            # without a trace the fast runner drafts a block's levels as one graph (draft_graph)
+            graphed = generate(fast_t, fast_d, [1, 40, 50, 60], method, L, vocab_size=259, temperature=temp,
+                               top_p=top_p, max_new_tokens=40, seed=seed, timing=False, **params)
             (e, el, _), (f, fl, _) = got["eager"], got["fast"]
             diff = max(((a - b).abs().max().item() for a, b in zip(fl, el)), default=0.0)
-            ok = e.tokens == f.tokens and len(fl) == len(el) and diff <= 1e-3
+            one_graph = graphed.tokens == e.tokens and graphed.tokens_per_block == e.tokens_per_block
+            ok = e.tokens == f.tokens and len(fl) == len(el) and diff <= 1e-3 and one_graph
             failed |= not ok
             row = dict(method=method, L=L, params=params, temperature=temp, top_p=top_p, seed=seed,
-                       same_tokens=e.tokens == f.tokens, forwards=len(el), max_logit_diff=diff,
+                       same_tokens=e.tokens == f.tokens, same_tokens_one_graph_draft=one_graph,
+                       draft_graphs=sum(g is not False for g in fast_d.draft_graphs.values()),
+                       forwards=len(el), max_logit_diff=diff,
                        block_efficiency=round(e.block_efficiency, 3),
                        nodes_per_call=sorted(set(e.nodes_per_call)), ok=ok)
             print(row, flush=True)
