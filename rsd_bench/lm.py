@@ -9,6 +9,7 @@ float mask passed as `attention_mask`, which transformers uses as-is.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from typing import NamedTuple
 
@@ -154,23 +155,47 @@ class ModelRunner:
 
 
 class Stopwatch:
-    """Accumulates GPU-synchronized wall time per phase (draft / verify / overhead), less the
-    time spent building CUDA graphs meanwhile (device_graph.SetupClock)."""
+    """Wall time per phase (draft / verify / overhead), less the time spent building CUDA graphs
+    meanwhile (device_graph.SetupClock).
+
+    On a GPU a phase switch records a CUDA event on the stream, and a phase's time is the
+    GPU-timeline time between its events (any wait of the GPU for the host included). Nothing
+    synchronizes at a switch, so the host prepares the next phase (e.g. the verification's inputs)
+    while the GPU still runs the last one; a synchronization at every switch (three per block)
+    left the GPU idle while the host did that work. The events are read once, at `totals`.
+    RSD_BENCH_PHASE_SYNC=1 restores the synchronized wall clock (for comparisons). On the CPU,
+    where every op finishes before the next, it is wall time.
+    """
 
     def __init__(self, device: torch.device, enabled: bool = True):
         self.device = device
         self.enabled = enabled
-        self.totals: dict[str, float] = {}
-        self._phase: str | None = None
-        self._t0 = 0.0
-        self._setup0 = 0.0
+        self.events = (device.type == "cuda"
+                       and os.environ.get("RSD_BENCH_PHASE_SYNC", "0").strip().lower() in ("0", "", "false", "no"))
+        self._marks: list[tuple] = []  # (phase started, event or perf_counter time, SetupClock.seconds)
+        self._totals: dict[str, float] = {}
 
     def switch(self, phase: str | None) -> None:
         if not self.enabled:
             return
-        synchronize(self.device)
-        now, setup = time.perf_counter(), SetupClock.seconds
-        if self._phase is not None:
-            elapsed = now - self._t0 - (setup - self._setup0)
-            self.totals[self._phase] = self.totals.get(self._phase, 0.0) + elapsed
-        self._phase, self._t0, self._setup0 = phase, now, setup
+        if self.events:
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+        else:
+            synchronize(self.device)
+            mark = time.perf_counter()
+        self._marks.append((phase, mark, SetupClock.seconds))
+
+    @property
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase so far (reads the events: waits for the GPU to reach the last one)."""
+        marks = self._marks
+        if self.events and marks:
+            marks[-1][1].synchronize()
+        for (phase, start, setup0), (_, end, setup1) in zip(marks, marks[1:]):
+            if phase is None:
+                continue
+            elapsed = start.elapsed_time(end) / 1e3 if self.events else end - start
+            self._totals[phase] = self._totals.get(phase, 0.0) + elapsed - (setup1 - setup0)
+        self._marks = marks[-1:]
+        return self._totals
