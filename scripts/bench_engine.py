@@ -829,8 +829,12 @@ def section_diagnostics(state: State, sec: dict, budget: Budget) -> None:
 class ForwardTimer:
     """Proxy of a runner that times each forward (GPU-synchronized before and after).
 
-    The first forward after reset() is the engine's prefill and is counted apart.
+    The first forward after reset() is the engine's prefill and is counted apart. Draft levels
+    run level by level under it (`fuse_draft_levels`): a forward inside the one-graph draft
+    (draft_graph) cannot be synchronized around, so this upper bound is of the slower path.
     """
+
+    fuse_draft_levels = False
 
     def __init__(self, runner, dev):
         self._runner, self._dev = runner, dev
@@ -875,13 +879,29 @@ class ForwardEvents:
     start to its end: forward time as the GPU saw it, including any wait for the host inside the
     forward's own launches. On the CPU it falls back to wall time per forward. The first forward
     after reset() is the prefill and is left out.
+
+    Draft forwards inside the one-graph draft levels (draft_graph) are marked by events recorded
+    in the graph: `graph_replay(spans)` is called before each replay, and reads the last
+    replay's spans before the events are recorded again.
     """
 
     def __init__(self, runner, dev):
         self._runner, self._dev = runner, dev
         self._spans: list = []
+        self._graph_spans: list = []  # events of the last draft-graph replay, not read yet
         self._first = True
         self.calls = 0
+
+    def graph_replay(self, spans):
+        self._read_graph_spans()
+        self._graph_spans = list(spans)
+        self.calls += len(spans)
+
+    def _read_graph_spans(self):
+        for start, end in self._graph_spans:
+            end.synchronize()  # done long ago: the block's verification read its results
+            self._spans.append(start.elapsed_time(end) / 1e3)
+        self._graph_spans = []
 
     def reset(self, capacity):
         self._first = True
@@ -912,6 +932,7 @@ class ForwardEvents:
 
     def seconds(self) -> float:
         sync(self._dev)
+        self._read_graph_spans()
         return sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in self._spans)
 
     def __getattr__(self, name):

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Per-block cost of the engine's execution options, A/B in one process, calls interleaved.
+
+The options: a block's draft levels as one CUDA graph (`fuse_draft_levels`, draft_graph) or
+level by level, and phase timing by CUDA events or by a synchronization at each phase switch
+(RSD_BENCH_PHASE_SYNC, lm.Stopwatch). The setting is bench_engine's overhead section: a
+7B-shaped random bf16 target and a 2-layer random draft in fast mode (compile="parts"), L = 4.
+
+Separate processes on the lent VMs scatter by 5-10 points of the timeline share (BENCHMARKS.md
+00a, 00b), more than these options change. Here every round runs each variant once, in a
+rotating order, in one process on the same runners, so the variants share the VM's state.
+
+Per variant and method: wall ms per block (perf_counter around generate after a
+synchronization, the prefill included: it is the same for every variant), the engine's decode
+ms per block, and the timeline share outside forwards (bench_engine.ForwardEvents, a separate
+call each round). Medians over the rounds, and every value. Writes JSON (--out).
+Usage: python scripts/bench_block_ab.py [--rounds 6] [--new-tokens 256] [--methods sd,rsd_s]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import bench_engine as B  # noqa: E402  (puts the repo on sys.path)
+from rsd_bench.engine import generate  # noqa: E402
+from rsd_bench.graphed_lm import GraphedRunner  # noqa: E402
+
+VARIANTS = {  # name -> (draft levels as one graph, phase timing by events)
+    "levels+sync": (False, False), "graph+sync": (True, False),
+    "levels+events": (False, True), "graph+events": (True, True),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--methods", default="sd,spectr,rsd_c,rsd_s")
+    p.add_argument("--L", type=int, default=4)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (tests the plumbing)")
+    p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "bench_block_ab.json"))
+    a = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.quick else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes = B.QUICK_SHAPES if a.quick else B.SHAPES
+    if a.quick:
+        a.context, a.new_tokens = min(a.context, 24), min(a.new_tokens, 8)
+    vocab = shapes["7b"]["vocab"]
+    cap = a.context + a.new_tokens + 64 + 128 + 64
+    compile_mode = "parts" if dev.type == "cuda" else False
+    target = GraphedRunner(B.build_random_llama(shapes["7b"], dtype, dev, 7), vocab_size=vocab, capacity=cap,
+                           compile=compile_mode)
+    draft = GraphedRunner(B.build_random_llama(shapes["draft"], dtype, dev, 68), vocab_size=vocab, capacity=cap,
+                          compile=compile_mode)
+    target.capture(32)
+    draft.capture(32)
+    prompt = torch.randint(3, vocab, (a.context,), generator=torch.Generator().manual_seed(2)).tolist()
+    variants = [v for v in B._names(a.variants)]
+    report = {"device": B.gpu_name(dev), "torch": torch.__version__, "L": a.L, "new_tokens": a.new_tokens,
+              "rounds": a.rounds, "variants": {v: dict(zip(("graph", "events"), VARIANTS[v])) for v in variants},
+              "results": []}
+
+    def run(method, variant, timeline=False, new_tokens=None):
+        graph, events = VARIANTS[variant]
+        draft.fuse_draft_levels = graph
+        os.environ["RSD_BENCH_PHASE_SYNC"] = "0" if events else "1"
+        t, d = (B.ForwardEvents(target, dev), B.ForwardEvents(draft, dev)) if timeline else (target, draft)
+        B.sync(dev)
+        t0 = time.perf_counter()
+        res = generate(t, d, prompt, method, a.L, vocab_size=vocab, temperature=1.0,
+                       max_new_tokens=new_tokens or a.new_tokens, seed=0)
+        B.sync(dev)
+        wall = time.perf_counter() - t0
+        if timeline:
+            fwd = t.seconds() + d.seconds()
+            return (res.decode_seconds - fwd) / res.decode_seconds
+        return wall / res.target_calls * 1e3, res.decode_seconds / res.target_calls * 1e3, res.block_efficiency
+
+    for method in B._names(a.methods):
+        for v in variants:  # warm-up: captures and compiles of every variant, outside the rounds
+            run(method, v, new_tokens=16)
+            run(method, v, timeline=True, new_tokens=16)
+        got = {v: {"wall_ms_per_block": [], "decode_ms_per_block": [], "timeline_outside": []} for v in variants}
+        for r in range(a.rounds):
+            order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
+            for v in order:
+                wall, dec, eff = run(method, v)
+                got[v]["wall_ms_per_block"].append(round(wall, 4))
+                got[v]["decode_ms_per_block"].append(round(dec, 4))
+                got[v]["block_efficiency"] = eff
+                got[v]["timeline_outside"].append(round(run(method, v, timeline=True), 4))
+        row = {"method": method, "variants": got}
+        for v, g in got.items():
+            g["median"] = {k: statistics.median(g[k]) for k in ("wall_ms_per_block", "decode_ms_per_block",
+                                                                 "timeline_outside")}
+            m = g["median"]
+            print(f"{method:7s} {v:14s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
+                  f"  timeline outside {100 * m['timeline_outside']:.1f}%  (walls {g['wall_ms_per_block']})", flush=True)
+        report["results"].append(row)
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
