@@ -88,6 +88,18 @@ def main(argv=None) -> int:
             return (res.decode_seconds - fwd) / res.decode_seconds
         return wall / res.target_calls * 1e3, res.decode_seconds / res.target_calls * 1e3, res.block_efficiency
 
+    saved = os.environ.get("RSD_BENCH_PHASE_SYNC")
+    try:
+        measure(a, run, variants, report)
+    finally:  # run() sets it per call
+        if saved is None:
+            os.environ.pop("RSD_BENCH_PHASE_SYNC", None)
+        else:
+            os.environ["RSD_BENCH_PHASE_SYNC"] = saved
+    return 0
+
+
+def measure(a, run, variants, report) -> None:
     for method in B._names(a.methods):
         for v in variants:  # warm-up: captures and compiles of every variant, outside the rounds
             run(method, v, new_tokens=16)
@@ -109,8 +121,7 @@ def main(argv=None) -> int:
             print(f"{method:7s} {v:14s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
                   f"  timeline outside {100 * m['timeline_outside']:.1f}%  (walls {g['wall_ms_per_block']})", flush=True)
         report["results"].append(row)
-        Path(a.out).write_text(json.dumps(report, indent=1))
-    return 0
+        Path(a.out).write_text(json.dumps(report, indent=1))  # after every method: a kill keeps the rest
 
 
 if __name__ == "__main__":

@@ -119,3 +119,23 @@ def test_quick_e2e_with_a_trimmed_draft_compares_with_hf(bench, tmp_path):
     assert e2e["draft_type"] == "TrimmedVocabLM"
     assert "wrapped" in e2e["hf"]["draft"]
     assert e2e["hf"]["sd"][0]["tokens_per_second"] > 0
+
+
+def test_block_ab_quick_run_reports_every_variant(tmp_path, monkeypatch):
+    """scripts/bench_block_ab.py's plumbing on the CPU: every variant and round is recorded."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("bench_block_ab", REPO / "scripts" / "bench_block_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", ["bench_block_ab.py"])
+    out = tmp_path / "ab.json"
+    assert mod.main(["--quick", "--rounds", "2", "--methods", "sd,rsd_s", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["sd", "rsd_s"]
+    for row in report["results"]:
+        assert set(row["variants"]) == set(mod.VARIANTS)
+        for got in row["variants"].values():
+            assert len(got["wall_ms_per_block"]) == len(got["timeline_outside"]) == 2
+            assert all(x > 0 for x in got["wall_ms_per_block"])
