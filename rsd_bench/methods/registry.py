@@ -11,7 +11,12 @@
   `forward=False` for the last level, which needs none. Alive rows become nodes after
   draft_tree returns (one host read per block), proposed in row order, which must be each
   parent's draw order; rows with the same parent node and token share a node. A block uses
-  one style or the other after the root.
+  one style or the other after the root. `draft.grow(level, probs, state, gen, levels)` runs
+  the usual loop of children() calls for a device-only level function:
+  `rows, *state = level(probs, *state, gen=gen, **levels[d])` for each level d, drafting every
+  level's rows but the last; on a GPU's fast runner the whole loop is one CUDA graph (the
+  level function must then suit `device_graph.graphed`: static shapes, no host reads,
+  randomness through `rsd_bench.sampling` with the `gen` it gets).
 - `verify_children(target_p, draft_p, proposals, settings, gen)`: decide at a batch of nodes,
   one row each: target_p and draft_p are float32 [n, V]; `proposals` is a long tensor [n, k] on
   the same device holding each node's proposed child tokens in verification order, padded with
