@@ -44,6 +44,9 @@ def _level_call(fn, static: dict):
 class DraftLevelsGraph:
     """The draft levels of one (level function, input shapes, per-level arguments) on one runner.
 
+    The runner is passed to build() and replay(), not kept: a session may reach the runner through
+    a proxy (the benchmark's ForwardEvents, new for each run) that must see this replay's spans.
+
     Level d runs `rows, *state = fn(probs, *state, gen=pool_d, **levels[d])`; every level but the
     last then runs the draft over its rows (`runner.children_body`) and turns the logits into
     probabilities for the next. Built at first use from the block at hand: its warm-ups write
@@ -51,15 +54,16 @@ class DraftLevelsGraph:
     On the CPU (tests, with device_graph.FORCE_POOLED) the same body runs without a graph.
     """
 
-    def __init__(self, runner, fn, probs: torch.Tensor, state: tuple, levels: list[dict], vocab: int,
+    def __init__(self, fn, probs: torch.Tensor, state: tuple, levels: list[dict], vocab: int,
                  temperature: float, top_p: float | None, timed: bool):
-        self.runner, self.device = runner, probs.device
+        self.device = probs.device
         self.vocab, self.temperature, self.top_p = vocab, temperature, top_p
         self.probs_in = probs.clone()
         self.state_in = [s.clone() for s in state]
         self.pools = [UniformPool(self.device) for _ in levels]
         self.calls = [_level_call(fn, static) for static in levels]
         self.widths: list[int] | None = None  # rows per level, known after the first (sizing) run
+        self.reach = 0  # cache entries past the committed length that a replay writes (padded buckets)
         cuda = self.device.type == "cuda"
         # [cache length, parent offset of level 1, position of level 1]; level d adds to them
         self.ints = torch.zeros(3, dtype=torch.long, device=self.device)
@@ -75,8 +79,8 @@ class DraftLevelsGraph:
         self.out = None
 
     @torch.no_grad()
-    def _body(self):
-        runner, probs, state = self.runner, self.probs_in, self.state_in
+    def _body(self, runner):
+        probs, state = self.probs_in, self.state_in
         rows_out, probs_out, widths, done = [], [], [], 0
         last = len(self.calls) - 1
         for d, call in enumerate(self.calls):
@@ -92,6 +96,7 @@ class DraftLevelsGraph:
                     raise TooWide(f"draft level of {rows.shape[1]} rows")
                 if runner.length + done + bucket > runner.capacity:
                     raise NoRoom(f"{runner.length + done} + {bucket} cache entries")
+                self.reach = max(self.reach, done + bucket)
             if self.spans:
                 self.spans[d][0].record()
             logits = runner.children_body(rows, self.ints[0] + done, self.ints[1] if d == 0 else 0, self.ints[2] + d)
@@ -105,16 +110,18 @@ class DraftLevelsGraph:
         self.widths = widths
         return torch.cat(rows_out, 1), probs_out
 
-    def build(self, probs, state, gen, length: int, offset: int, position: int) -> None:
-        """Size the pools and capture, with this block's inputs (raises TooWide or NoRoom)."""
+    def build(self, runner, probs, state, gen, length: int, offset: int, position: int) -> None:
+        """Size the pools and capture, with this block's inputs. Raises TooWide or NoRoom before
+        anything is written. Whatever it raises, it leaves the runner's committed cache and row
+        pattern as it found them, so the block can run level by level."""
         self._inputs(probs, state, length, offset, position)
-        seen = self.runner.rows_seen().clone()
+        seen = runner.rows_seen().clone()
 
         def run(body):
             try:
-                return body()
+                return body(runner)
             finally:
-                self.runner.rows_seen().copy_(seen)  # the next run (or the replay) reads level 0's
+                runner.rows_seen().copy_(seen)  # the next run (or the replay) reads level 0's
 
         if self.device.type != "cuda":
             run(self._body)
@@ -125,23 +132,27 @@ class DraftLevelsGraph:
             current = torch.cuda.current_stream(self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
-            with torch.cuda.stream(side):
-                run(self._body)  # sizes the pools, captures the buckets' own graphs, learns the widths
-                for pool in self.pools:
-                    pool.allocate()
-                plain = self.calls
-                self.calls = [fuse(c) for c in plain]
-                try:
-                    run(self._body)  # compiles the level functions
-                except Exception as err:  # Inductor could not compile one: capture the plain ops
-                    log.warning("draft levels run unfused: %s", err)
-                    self.calls = plain
-                run(self._body)  # warm-up
-            current.wait_stream(side)
+            try:
+                with torch.cuda.stream(side):
+                    run(self._body)  # sizes the pools, captures the buckets' own graphs, learns the widths
+                    for pool in self.pools:
+                        pool.allocate()
+                    plain = self.calls
+                    self.calls = [fuse(c) for c in plain]
+                    try:
+                        run(self._body)  # compiles the level functions
+                    except Exception as err:  # Inductor could not compile one: capture the plain ops
+                        log.warning("draft levels run unfused: %s", err)
+                        self.calls = plain
+                    run(self._body)  # warm-up
+            finally:  # also after TooWide or NoRoom: later work on the current stream must follow the side's
+                current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.out = self._body()
-            self.runner.rows_seen().copy_(seen)
+            try:
+                with torch.cuda.graph(graph):
+                    self.out = self._body(runner)
+            finally:
+                runner.rows_seen().copy_(seen)
             self.graph = graph
 
     def _inputs(self, probs, state, length: int, offset: int, position: int) -> None:
@@ -158,19 +169,20 @@ class DraftLevelsGraph:
     def rows_drafted(self) -> int:
         return sum(self.widths[:-1])
 
-    def replay(self, probs, state, gen, length: int, offset: int, position: int):
-        """Run the levels: (rows [3, total rows], probabilities of each drafted level). On a GPU
-        these are the graph's own tensors, overwritten by its next replay."""
+    def replay(self, runner, probs, state, gen, length: int, offset: int, position: int):
+        """Run the levels on `runner` (the one built on, or a proxy of it): (rows [3, total rows],
+        probabilities of each drafted level). On a GPU these are the graph's own tensors,
+        overwritten by its next replay."""
         self._inputs(probs, state, length, offset, position)
         for pool in self.pools:
             pool.refill(gen)
-        hook = getattr(self.runner, "graph_replay", None)
+        hook = getattr(runner, "graph_replay", None)
         if hook is not None:
             hook(self.spans)
         if self.graph is None:
-            out = self._body()
+            out = self._body(runner)
         else:
             self.graph.replay()
             out = self.out
-        self.runner.advance(self.rows_drafted(), len(self.widths) - 1)
+        runner.advance(self.rows_drafted(), len(self.widths) - 1)
         return out

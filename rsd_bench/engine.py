@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ from .methods import Method, get_method
 from .sampling import to_probs
 from .tree import DraftTree
 from .verify import decide, walk
+
+
+log = logging.getLogger(__name__)
 
 
 class PromptTooLongError(ValueError):
@@ -181,7 +185,7 @@ class _DraftSession:
                 probs = self.children(rows, forward=depth < len(levels))
             return
         start = self.runner.length - self.base
-        rows, level_probs = fused.replay(probs, state, gen, self.runner.length, self.pending - 1, len(self.seq))
+        rows, level_probs = fused.replay(self.runner, probs, state, gen, self.runner.length, self.pending - 1, len(self.seq))
         first = 0
         for d, width in enumerate(fused.widths):
             drafted = d < len(level_probs)
@@ -208,18 +212,20 @@ class _DraftSession:
         graphs = runner.draft_graphs
         entry = graphs.get(key)
         if entry is None:
-            entry = DraftLevelsGraph(runner, fn, probs, state, levels, self.vocab, self.temperature,
-                                     self.top_p, timed)
+            entry = DraftLevelsGraph(fn, probs, state, levels, self.vocab, self.temperature, self.top_p, timed)
             try:
-                entry.build(probs, state, gen, runner.length, self.pending - 1, len(self.seq))
+                entry.build(runner, probs, state, gen, runner.length, self.pending - 1, len(self.seq))
             except TooWide:
                 entry = False
             except NoRoom:
                 return None
+            except Exception as err:  # e.g. a method's level function that syncs cannot be captured
+                log.warning("draft levels of %s run level by level: %s", getattr(fn, "__qualname__", fn), err)
+                entry = False
             graphs[key] = entry
         if entry is False:
             return None
-        if runner.length + entry.rows_drafted() + max(runner.buckets) > runner.capacity:
+        if runner.length + entry.reach > runner.capacity:
             return None  # level by level, where forward_children says whether it fits
         return entry
 

@@ -171,7 +171,7 @@ class Stopwatch:
         self.device = device
         self.enabled = enabled
         self.events = (device.type == "cuda"
-                       and os.environ.get("RSD_BENCH_PHASE_SYNC", "0").strip().lower() in ("0", "", "false", "no"))
+                       and os.environ.get("RSD_BENCH_PHASE_SYNC", "0").strip().lower() in ("0", "", "false", "no", "off"))
         self._marks: list[tuple] = []  # (phase started, event or perf_counter time, SetupClock.seconds)
         self._totals: dict[str, float] = {}
 
@@ -180,7 +180,7 @@ class Stopwatch:
             return
         if self.events:
             mark = torch.cuda.Event(enable_timing=True)
-            mark.record()
+            mark.record(torch.cuda.current_stream(self.device))  # the runners' stream on this device
         else:
             synchronize(self.device)
             mark = time.perf_counter()

@@ -88,3 +88,50 @@ def test_grow_keeps_the_cache_as_levels_do(monkeypatch, models):
     assert len(logits["graph"]) == len(logits["levels"]) > 3
     for a, b in zip(logits["graph"], logits["levels"]):
         assert (a - b).abs().max() <= 1e-5
+
+
+class Proxy:
+    """A runner seen through a proxy, as the benchmark's ForwardEvents sees it: new for each run."""
+
+    def __init__(self, runner):
+        self._runner, self.replays = runner, 0
+
+    def graph_replay(self, spans):
+        self.replays += 1
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+def test_a_cached_graph_reports_to_the_proxy_at_hand(monkeypatch, models):
+    """A graph built through one proxy and replayed through the next reports to the next: the
+    benchmark's timeline of a later run must count the draft forwards inside the graph."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    target, draft = models
+    t, d = GraphedRunner(target, capacity=512, use_graphs=False), GraphedRunner(draft, capacity=512, use_graphs=False)
+    proxies = [Proxy(d), Proxy(d)]
+    results = [generate(t, p, [1, 40, 50, 60], "rsd_s", 3, vocab_size=259, max_new_tokens=20, seed=1,
+                        timing=False, W=3) for p in proxies]
+    assert len(d.draft_graphs) == 1  # built once, by the first run
+    for proxy, result in zip(proxies, results):
+        assert proxy.replays == len(result.tokens_per_block)  # one replay per block
+    assert results[1].tokens == results[0].tokens
+
+
+def test_a_graph_that_fails_to_build_leaves_the_levels(monkeypatch, models, caplog):
+    """A level function that cannot be captured (e.g. it reads a value on the host) costs speed,
+    not the run: the levels run one by one, with a warning, and give the same tokens."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    target, draft = models
+    kw = dict(vocab_size=259, max_new_tokens=20, seed=2, timing=False, K=3)
+    runs = {}
+    for name, cls in {"levels": LevelByLevel, "graph": GraphedRunner}.items():
+        if name == "graph":
+            def fail(self, *a, **k):
+                raise RuntimeError("operation not permitted when stream is capturing")
+            monkeypatch.setattr(draft_graph.DraftLevelsGraph, "build", fail)
+        d = cls(draft, capacity=512, use_graphs=False)
+        runs[name] = generate(cls(target, capacity=512, use_graphs=False), d, [1, 40, 50, 60], "spectr", 3, **kw)
+    assert list(d.draft_graphs.values()) == [False]
+    assert "run level by level" in caplog.text
+    assert runs["graph"].tokens == runs["levels"].tokens

@@ -16,7 +16,10 @@
   `rows, *state = level(probs, *state, gen=gen, **levels[d])` for each level d, drafting every
   level's rows but the last; on a GPU's fast runner the whole loop is one CUDA graph (the
   level function must then suit `device_graph.graphed`: static shapes, no host reads,
-  randomness through `rsd_bench.sampling` with the `gen` it gets).
+  randomness through `rsd_bench.sampling` with the `gen` it gets). The graph is kept per level
+  function (by identity), shapes and `levels`: a function made anew per block, such as a
+  lambda, is captured anew per block; pass a module-level one and put per-level values in
+  `levels`. One the graph cannot capture runs level by level, with a warning.
 - `verify_children(target_p, draft_p, proposals, settings, gen)`: decide at a batch of nodes,
   one row each: target_p and draft_p are float32 [n, V]; `proposals` is a long tensor [n, k] on
   the same device holding each node's proposed child tokens in verification order, padded with
