@@ -85,6 +85,10 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         if timeline:
             fwd = t.seconds() + d.seconds()
+            # every forward must be marked, the graph's draft levels included (the prefills are not)
+            marked, ran = t.calls + d.calls, res.target_calls + res.draft_calls
+            if abs(ran - marked) > 2:
+                raise RuntimeError(f"{variant}: {marked} forwards marked of {ran}: the timeline misses some")
             return (res.decode_seconds - fwd) / res.decode_seconds
         return wall / res.target_calls * 1e3, res.decode_seconds / res.target_calls * 1e3, res.block_efficiency
 
