@@ -139,3 +139,18 @@ def test_block_ab_quick_run_reports_every_variant(tmp_path, monkeypatch):
         for got in row["variants"].values():
             assert len(got["wall_ms_per_block"]) == len(got["timeline_outside"]) == 2
             assert all(x > 0 for x in got["wall_ms_per_block"])
+
+
+def test_profile_host_quick_run_splits_the_reads(tmp_path, monkeypatch):
+    """scripts/profile_host.py's plumbing on the CPU: both host reads of a block are found."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("profile_host", REPO / "scripts" / "profile_host.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "host.json"
+    assert mod.main(["--quick", "--methods", "rsd_c", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["method"] == "rsd_c" and row["blocks"] >= 1
+    assert any("finish" in k for k in row["read_wait_ms_per_block"])  # the tree read
+    assert any("verify" in k for k in row["read_wait_ms_per_block"])  # the verification read
+    assert row["other_host_ms_per_block"] > 0 and row["top_own_time"]
