@@ -172,6 +172,9 @@ class Stopwatch:
         self.enabled = enabled
         self.events = (device.type == "cuda"
                        and os.environ.get("RSD_BENCH_PHASE_SYNC", "0").strip().lower() in ("0", "", "false", "no", "off"))
+        # the stream phases run on, looked up once: current_stream() costs the host several us
+        # per call, and a block has three switches (a generate call does not change streams)
+        self._stream = torch.cuda.current_stream(device) if self.events else None
         self._marks: list[tuple] = []  # (phase started, event or perf_counter time, SetupClock.seconds)
         self._totals: dict[str, float] = {}
 
@@ -180,7 +183,7 @@ class Stopwatch:
             return
         if self.events:
             mark = torch.cuda.Event(enable_timing=True)
-            mark.record(torch.cuda.current_stream(self.device))  # the runners' stream on this device
+            mark.record(self._stream)
         else:
             synchronize(self.device)
             mark = time.perf_counter()
