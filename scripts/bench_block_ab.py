@@ -13,7 +13,10 @@ rotating order, in one process on the same runners, so the variants share the VM
 Per variant and method: wall ms per block (perf_counter around generate after a
 synchronization, the prefill included: it is the same for every variant), the engine's decode
 ms per block, and the timeline share outside forwards (bench_engine.ForwardEvents, a separate
-call each round). Medians over the rounds, and every value. Writes JSON (--out).
+call each round) with its ms per block by engine phase: draft (the draft phase less the draft
+forwards), verify (the verify phase, from the tree read to the target forward's end, less that
+forward) and overhead (verification, walk and cache compaction, all outside forwards). Medians
+over the rounds, and every value. Writes JSON (--out).
 Usage: python scripts/bench_block_ab.py [--rounds 6] [--new-tokens 256] [--methods sd,rsd_s]
 """
 
@@ -89,7 +92,12 @@ def main(argv=None) -> int:
             marked, ran = t.calls + d.calls, res.target_calls + res.draft_calls
             if abs(ran - marked) > 2:
                 raise RuntimeError(f"{variant}: {marked} forwards marked of {ran}: the timeline misses some")
-            return (res.decode_seconds - fwd) / res.decode_seconds
+            blocks = res.target_calls
+            phases = {  # ms per block outside forwards, by phase: where the time goes
+                "draft": (res.draft_seconds - d.seconds()) / blocks * 1e3,
+                "verify": (res.verify_seconds - t.seconds()) / blocks * 1e3,
+                "overhead": res.overhead_seconds / blocks * 1e3}
+            return (res.decode_seconds - fwd) / res.decode_seconds, phases
         return wall / res.target_calls * 1e3, res.decode_seconds / res.target_calls * 1e3, res.block_efficiency
 
     saved = os.environ.get("RSD_BENCH_PHASE_SYNC")
@@ -108,7 +116,8 @@ def measure(a, run, variants, report) -> None:
         for v in variants:  # warm-up: captures and compiles of every variant, outside the rounds
             run(method, v, new_tokens=16)
             run(method, v, timeline=True, new_tokens=16)
-        got = {v: {"wall_ms_per_block": [], "decode_ms_per_block": [], "timeline_outside": []} for v in variants}
+        got = {v: {"wall_ms_per_block": [], "decode_ms_per_block": [], "timeline_outside": [],
+                   "outside_ms_per_block_by_phase": []} for v in variants}
         for r in range(a.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
             for v in order:
@@ -116,14 +125,20 @@ def measure(a, run, variants, report) -> None:
                 got[v]["wall_ms_per_block"].append(round(wall, 4))
                 got[v]["decode_ms_per_block"].append(round(dec, 4))
                 got[v]["block_efficiency"] = eff
-                got[v]["timeline_outside"].append(round(run(method, v, timeline=True), 4))
+                share, phases = run(method, v, timeline=True)
+                got[v]["timeline_outside"].append(round(share, 4))
+                got[v]["outside_ms_per_block_by_phase"].append({k: round(x, 4) for k, x in phases.items()})
         row = {"method": method, "variants": got}
         for v, g in got.items():
             g["median"] = {k: statistics.median(g[k]) for k in ("wall_ms_per_block", "decode_ms_per_block",
                                                                  "timeline_outside")}
+            g["median"]["outside_ms_per_block_by_phase"] = {
+                k: statistics.median(x[k] for x in g["outside_ms_per_block_by_phase"]) for k in ("draft", "verify", "overhead")}
             m = g["median"]
             print(f"{method:7s} {v:14s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
-                  f"  timeline outside {100 * m['timeline_outside']:.1f}%  (walls {g['wall_ms_per_block']})", flush=True)
+                  f"  timeline outside {100 * m['timeline_outside']:.1f}%, ms/block by phase "
+                  + " ".join(f"{k} {x:.3f}" for k, x in m["outside_ms_per_block_by_phase"].items())
+                  + f"  (walls {g['wall_ms_per_block']})", flush=True)
         report["results"].append(row)
         Path(a.out).write_text(json.dumps(report, indent=1))  # after every method: a kill keeps the rest
 

@@ -139,6 +139,7 @@ def test_block_ab_quick_run_reports_every_variant(tmp_path, monkeypatch):
         for got in row["variants"].values():
             assert len(got["wall_ms_per_block"]) == len(got["timeline_outside"]) == 2
             assert all(x > 0 for x in got["wall_ms_per_block"])
+            assert set(got["median"]["outside_ms_per_block_by_phase"]) == {"draft", "verify", "overhead"}
 
 
 def test_profile_host_quick_run_splits_the_reads(tmp_path, monkeypatch):
