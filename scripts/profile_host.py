@@ -6,7 +6,8 @@ weights, fast mode with compile="parts", L = 4, T = 1), with the default executi
 as one graph, phases timed by events). For each method, after warm-up: the wall ms per block of
 an unprofiled run, then under cProfile the host seconds per block spent waiting in each host
 read (`tolist`, by caller: the tree read in `finish`, the verification read in `verify`) and
-the rest, and the functions with the most own time.
+the rest, and the functions with the most own time. A third run times each CUDA graph launch
+on the host, by the function that launches it.
 
 A wait at a read is time the host was ahead of the GPU; the host work between a read and the
 next launch is time the GPU idles. cProfile slows Python calls several-fold, so the host times
@@ -65,6 +66,35 @@ def host_profile(run, blocks: int, top: int) -> dict:
     }
 
 
+class ReplayClock:
+    """Host time of each CUDA graph launch (CUDAGraph.replay), by the function that replays it:
+    a launch that blocks the host (e.g. a full launch queue) delays the work behind it."""
+
+    def __init__(self):
+        self.us: dict[str, list[float]] = {}
+        self._real = torch.cuda.CUDAGraph.replay
+
+    def __enter__(self):
+        real, us = self._real, self.us
+
+        def replay(graph):
+            caller = sys._getframe(1)
+            key = f"{Path(caller.f_code.co_filename).name}:{caller.f_code.co_name}"
+            t0 = time.perf_counter()
+            real(graph)
+            us.setdefault(key, []).append((time.perf_counter() - t0) * 1e6)
+
+        torch.cuda.CUDAGraph.replay = replay
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.CUDAGraph.replay = self._real
+
+    def summary(self, blocks: int) -> dict:
+        return {k: {"calls_per_block": round(len(v) / blocks, 2), "median_us": round(sorted(v)[len(v) // 2], 2),
+                    "us_per_block": round(sum(v) / blocks, 2)} for k, v in self.us.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="sd,spectr,rsd_c,rsd_s")
@@ -105,10 +135,14 @@ def main(argv=None) -> int:
         row = {"method": method, "blocks": res.target_calls, "block_efficiency": res.block_efficiency,
                "wall_ms_per_block": round(1e3 * wall / res.target_calls, 4),
                **host_profile(lambda: (run(), B.sync(dev)), res.target_calls, a.top)}
+        with ReplayClock() as clock:  # a third run: the launches' host time, without cProfile
+            run()
+            B.sync(dev)
+        row["graph_launch_host"] = clock.summary(res.target_calls)
         report["results"].append(row)
         print(f"{method:7s} wall {row['wall_ms_per_block']:.3f} ms/block; profiled host "
               f"{row['profiled_host_ms_per_block']:.3f} ms/block: reads wait {row['read_wait_ms_per_block']}, "
-              f"other {row['other_host_ms_per_block']:.3f}", flush=True)
+              f"other {row['other_host_ms_per_block']:.3f}; graph launches {row['graph_launch_host']}", flush=True)
         Path(a.out).write_text(json.dumps(report, indent=1))  # after every method: a kill keeps the rest
     return 0
 
