@@ -12,6 +12,7 @@ CPU (or when capture fails) the function runs plainly with the generator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -100,6 +101,37 @@ def fuse(body):
     return torch.compile(body, dynamic=False)
 
 
+@contextlib.contextmanager
+def capturing(graph: "torch.cuda.CUDAGraph", device: torch.device):
+    """`torch.cuda.graph(graph)` that leaves the caller's stream current even when the capture
+    fails. When capture_end raises (e.g. the body synchronized), torch's context skips restoring
+    the stream, so all later work (and the phase events, lm.Stopwatch) would go to its capture
+    stream. (On torch before ~2.12 the allocator may also keep the failed capture's pool.)"""
+    current = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            yield
+    finally:
+        torch.cuda.set_stream(current)
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device):
+    """Make a host synchronization raise (sync debug mode "error") during the warm-up just
+    before a capture. A body that reads values on the host then fails there, before the capture
+    begins: a capture that fails leaves torch's default CUDA generator in capture mode (seen with
+    torch 2.11), so later random draws on it raise."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
 def capture(body, device: torch.device, pool: UniformPool):
     """Run `body()` to size the pool, then capture it (fused, see `fuse`); returns (graph or None
     on the CPU, outputs)."""
@@ -112,22 +144,26 @@ def capture(body, device: torch.device, pool: UniformPool):
 
 
 def _capture_cuda(body, device: torch.device, pool: UniformPool):
+    current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        body()  # sizes the pool
-        pool.allocate()
-        run = fuse(body)
-        try:
-            run()  # compiles, with the pool's own numbers
-        except Exception as err:  # Inductor could not compile it: capture the plain ops
-            log.warning("%s runs unfused: %s", getattr(body, "__qualname__", body), err)
-            run = body
-        run()  # warm-up
-    torch.cuda.current_stream(device).wait_stream(side)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            body()  # sizes the pool
+            pool.allocate()
+            run = fuse(body)
+            try:
+                run()  # compiles, with the pool's own numbers
+            except Exception as err:  # Inductor could not compile it: capture the plain ops
+                log.warning("%s runs unfused: %s", getattr(body, "__qualname__", body), err)
+                run = body
+            with no_host_sync(device):
+                run()  # warm-up; a body that reads on the host fails here, before any capture
+    finally:  # also on failure: the caller's next work (a plain run) follows the side's
+        current.wait_stream(side)
     pool.pos = 0
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capturing(graph, device):
         out = run()
     return graph, out
 

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .device_graph import SetupClock, UniformPool, fuse
+from .device_graph import SetupClock, UniformPool, capturing, fuse, no_host_sync
 from .sampling import to_probs
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class DraftLevelsGraph:
                       if timed and cuda else [])
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out = None
+        self._built_on: torch.Tensor | None = None
 
     @torch.no_grad()
     def _body(self, runner):
@@ -115,7 +116,8 @@ class DraftLevelsGraph:
         anything is written. Whatever it raises, it leaves the runner's committed cache and row
         pattern as it found them, so the block can run level by level."""
         self._inputs(probs, state, length, offset, position)
-        seen = runner.rows_seen().clone()
+        self._built_on = runner.rows_seen()  # the buffers the graph reads and writes
+        seen = self._built_on.clone()
 
         def run(body):
             try:
@@ -144,14 +146,15 @@ class DraftLevelsGraph:
                     except Exception as err:  # Inductor could not compile one: capture the plain ops
                         log.warning("draft levels run unfused: %s", err)
                         self.calls = plain
-                    run(self._body)  # warm-up
+                    with no_host_sync(self.device):
+                        run(self._body)  # warm-up; a level function that reads on the host fails here
             finally:  # also after TooWide or NoRoom: later work on the current stream must follow the side's
                 current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with capturing(graph, self.device):
                     self.out = self._body(runner)
-            finally:
+            finally:  # on the caller's stream, restored by `capturing` even after a failed capture
                 runner.rows_seen().copy_(seen)
             self.graph = graph
 
@@ -173,6 +176,8 @@ class DraftLevelsGraph:
         """Run the levels on `runner` (the one built on, or a proxy of it): (rows [3, total rows],
         probabilities of each drafted level). On a GPU these are the graph's own tensors,
         overwritten by its next replay."""
+        if runner.rows_seen() is not self._built_on:
+            raise ValueError("a draft levels graph replayed on a runner other than the one it was built on")
         self._inputs(probs, state, length, offset, position)
         for pool in self.pools:
             pool.refill(gen)

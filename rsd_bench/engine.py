@@ -199,7 +199,8 @@ class _DraftSession:
         """The runner's DraftLevelsGraph for this call, or None where grow runs level by level:
         an eager runner, no CUDA graphs (the CPU, unless tests force the pooled path), a trace
         (it needs each level's logits), a runner that asks for it (the benchmark's synchronized
-        timer), a level wider than the largest bucket, or too little cache left for a first capture."""
+        timer), a level wider than the largest bucket, too little cache left for a first capture,
+        or a level function the graph could not capture (e.g. one that reads values on the host)."""
         runner = self.runner
         if (self.trace is not None or not hasattr(runner, "children_body")
                 or not getattr(runner, "fuse_draft_levels", True) or not runner.children_ready()

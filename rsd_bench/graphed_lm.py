@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kv_write, tree_attention
-from .device_graph import SetupClock
+from .device_graph import SetupClock, capturing
 from .lm import CACHE_KEYWORD, TreeMask
 
 log = logging.getLogger(__name__)
@@ -572,7 +572,7 @@ class GraphedRunner:
                 step()
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+        with capturing(graph, dev), torch.no_grad():
             logits = step()
         self.cache.kv[:, :, :, :, last:].zero_()
         return graph, logits

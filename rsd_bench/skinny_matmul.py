@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from .device_graph import capturing
+
 try:  # Triton ships with CUDA builds of torch; the CPU test environment may install it for the interpreter
     import triton
     import triton.language as tl
@@ -192,7 +194,7 @@ def _time_us(fn, weights: list, dev, reps: int) -> float:
             fn(w)
     torch.cuda.current_stream(dev).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capturing(graph, dev):
         for i in range(reps):
             fn(weights[i % len(weights)])
     best = float("inf")

@@ -120,18 +120,47 @@ def test_a_cached_graph_reports_to_the_proxy_at_hand(monkeypatch, models):
 
 def test_a_graph_that_fails_to_build_leaves_the_levels(monkeypatch, models, caplog):
     """A level function that cannot be captured (e.g. it reads a value on the host) costs speed,
-    not the run: the levels run one by one, with a warning, and give the same tokens."""
+    not the run. Here it fails at level 1 of the build, after level 0's draft forward has written
+    the cache and the runner's row pattern: the levels then run one by one, with a warning, and
+    must give the level-by-level tokens (so the build left the row pattern as it found it)."""
+    from rsd_bench.device_graph import UniformPool
+    from rsd_bench.methods import chains
+
     monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
     target, draft = models
+    real = chains.chain_level
+    calls = []
+
+    def flaky_level(probs, rep, gen):
+        if isinstance(gen, UniformPool):  # inside the draft levels graph's body
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return real.fn(probs, rep, gen=gen)
+        return real(probs, rep, gen=gen)  # level by level
+
     kw = dict(vocab_size=259, max_new_tokens=20, seed=2, timing=False, K=3)
     runs = {}
     for name, cls in {"levels": LevelByLevel, "graph": GraphedRunner}.items():
         if name == "graph":
-            def fail(self, *a, **k):
-                raise RuntimeError("operation not permitted when stream is capturing")
-            monkeypatch.setattr(draft_graph.DraftLevelsGraph, "build", fail)
+            monkeypatch.setattr(chains, "chain_level", flaky_level)
         d = cls(draft, capacity=512, use_graphs=False)
         runs[name] = generate(cls(target, capacity=512, use_graphs=False), d, [1, 40, 50, 60], "spectr", 3, **kw)
+    assert len(calls) == 2  # it failed once, mid-build, and was not tried again
     assert list(d.draft_graphs.values()) == [False]
     assert "run level by level" in caplog.text
     assert runs["graph"].tokens == runs["levels"].tokens
+    assert runs["graph"].block_efficiency > 1.2  # blocks accepted drafts after the failed build
+
+
+def test_a_graph_refuses_another_runner(monkeypatch, models):
+    """The graph reads and writes the buffers of the runner it was built on."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    target, draft = models
+    d = GraphedRunner(draft, capacity=512, use_graphs=False)
+    generate(GraphedRunner(target, capacity=512, use_graphs=False), d, [1, 40, 50, 60], "sd", 3,
+             vocab_size=259, max_new_tokens=8, seed=0, timing=False)
+    (graph,) = d.draft_graphs.values()
+    other = GraphedRunner(draft, capacity=512, use_graphs=False)
+    with pytest.raises(ValueError, match="other than the one it was built on"):
+        graph.replay(other, graph.probs_in, graph.state_in, torch.Generator(), 0, 0, 0)
