@@ -14,8 +14,8 @@ Per variant and method: wall ms per block (perf_counter around generate after a
 synchronization, the prefill included: it is the same for every variant), the engine's decode
 ms per block, and the timeline share outside forwards (bench_engine.ForwardEvents, a separate
 call each round) with its ms per block by engine phase: draft (the draft phase less the draft
-forwards), verify (the verify phase, from the tree read to the target forward's end, less that
-forward) and overhead (verification, walk and cache compaction, all outside forwards). Medians
+forwards, the tree read and the host's tree building after it), verify (from the built tree to
+the target forward's end, less that forward: the target call's mask, packing and launch) and overhead (verification, walk and cache compaction, all outside forwards). Medians
 over the rounds, and every value. Writes JSON (--out).
 Usage: python scripts/bench_block_ab.py [--rounds 6] [--new-tokens 256] [--methods sd,rsd_s]
 """

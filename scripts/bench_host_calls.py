@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     with torch.cuda.graph(graph):
         x.add_(1)
     watch = Stopwatch(dev)
+    watch.events, watch._stream = True, stream  # the event clock, whatever RSD_BENCH_PHASE_SYNC says
     phases = iter(["draft", "verify", "overhead"] * (a.calls * a.repeats + 10))
     calls = {
         "torch.cuda.current_stream(dev)": lambda: torch.cuda.current_stream(dev),
