@@ -36,7 +36,6 @@ import torch  # noqa: E402
 
 import bench_engine as B  # noqa: E402  (puts the repo on sys.path)
 from rsd_bench.engine import generate  # noqa: E402
-from rsd_bench.graphed_lm import GraphedRunner  # noqa: E402
 
 VARIANTS = {  # name -> (draft levels as one graph, phase timing by events)
     "levels+sync": (False, False), "graph+sync": (True, False),
@@ -56,20 +55,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "bench_block_ab.json"))
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.quick else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    shapes = B.QUICK_SHAPES if a.quick else B.SHAPES
     if a.quick:
         a.context, a.new_tokens = min(a.context, 24), min(a.new_tokens, 8)
-    vocab = shapes["7b"]["vocab"]
-    cap = a.context + a.new_tokens + 64 + 128 + 64
-    compile_mode = "parts" if dev.type == "cuda" else False
-    target = GraphedRunner(B.build_random_llama(shapes["7b"], dtype, dev, 7), vocab_size=vocab, capacity=cap,
-                           compile=compile_mode)
-    draft = GraphedRunner(B.build_random_llama(shapes["draft"], dtype, dev, 68), vocab_size=vocab, capacity=cap,
-                          compile=compile_mode)
-    target.capture(32)
-    draft.capture(32)
-    prompt = torch.randint(3, vocab, (a.context,), generator=torch.Generator().manual_seed(2)).tolist()
+    target, draft, prompt, vocab = B.overhead_pair(dev, a.quick, a.context, a.context + a.new_tokens + 64 + 128 + 64)
     variants = [v for v in B._names(a.variants)]
     report = {"device": B.gpu_name(dev), "torch": torch.__version__, "L": a.L, "new_tokens": a.new_tokens,
               "rounds": a.rounds, "variants": {v: dict(zip(("graph", "events"), VARIANTS[v])) for v in variants},

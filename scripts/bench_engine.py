@@ -292,6 +292,25 @@ def build_random_llama(shape: dict, dtype: torch.dtype, dev: torch.device, seed:
     return model
 
 
+def overhead_pair(dev: torch.device, quick: bool, context: int, capacity: int):
+    """The overhead section's setting for the scripts beside this one (bench_block_ab, profile_host):
+    a 7B-shaped random target and the 2-layer random draft as fast runners (compile="parts" on a
+    GPU), with the small buckets captured, and a random prompt of `context` tokens.
+    Returns (target, draft, prompt, vocab)."""
+    from rsd_bench.graphed_lm import GraphedRunner
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes = QUICK_SHAPES if quick else SHAPES
+    vocab = shapes["7b"]["vocab"]
+    compile_mode = "parts" if dev.type == "cuda" else False
+    runners = [GraphedRunner(build_random_llama(shapes[name], dtype, dev, seed), vocab_size=vocab, capacity=capacity,
+                             compile=compile_mode) for name, seed in (("7b", 7), ("draft", 68))]
+    for r in runners:
+        r.capture(32)
+    prompt = torch.randint(3, vocab, (context,), generator=torch.Generator().manual_seed(2)).tolist()
+    return runners[0], runners[1], prompt, vocab
+
+
 def weight_bytes(model) -> tuple[int, int]:
     """(all parameter bytes, bytes a decode step streams = all but an untied input embedding)."""
     seen, total = set(), 0

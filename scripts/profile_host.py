@@ -33,7 +33,6 @@ import torch  # noqa: E402
 
 import bench_engine as B  # noqa: E402  (puts the repo on sys.path)
 from rsd_bench.engine import generate  # noqa: E402
-from rsd_bench.graphed_lm import GraphedRunner  # noqa: E402
 
 
 def _where(key) -> str:
@@ -105,20 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "profile_host.json"))
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.quick else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    shapes = B.QUICK_SHAPES if a.quick else B.SHAPES
     context = 24 if a.quick else 512
     new_tokens = min(a.new_tokens, 8) if a.quick else a.new_tokens
-    vocab = shapes["7b"]["vocab"]
-    cap = context + new_tokens + 256
-    compile_mode = "parts" if dev.type == "cuda" else False
-    target = GraphedRunner(B.build_random_llama(shapes["7b"], dtype, dev, 7), vocab_size=vocab, capacity=cap,
-                           compile=compile_mode)
-    draft = GraphedRunner(B.build_random_llama(shapes["draft"], dtype, dev, 68), vocab_size=vocab, capacity=cap,
-                          compile=compile_mode)
-    target.capture(32)
-    draft.capture(32)
-    prompt = torch.randint(3, vocab, (context,), generator=torch.Generator().manual_seed(2)).tolist()
+    target, draft, prompt, vocab = B.overhead_pair(dev, a.quick, context, context + new_tokens + 256)
     report = {"device": B.gpu_name(dev), "torch": torch.__version__, "L": a.L, "new_tokens": new_tokens,
               "results": []}
     for method in B._names(a.methods):
