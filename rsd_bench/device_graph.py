@@ -102,6 +102,21 @@ def fuse(body):
 
 
 @contextlib.contextmanager
+def warming_up(device: torch.device):
+    """The warm-up runs before a capture, on a side stream as torch asks. The caller's stream
+    follows the side's work afterwards, also when a warm-up raises (a fallback then runs plainly
+    on the caller's stream, over memory the side may still be writing otherwise)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        current.wait_stream(side)
+
+
+@contextlib.contextmanager
 def capturing(graph: "torch.cuda.CUDAGraph", device: torch.device):
     """`torch.cuda.graph(graph)` that leaves the caller's stream current even when the capture
     fails. When capture_end raises (e.g. the body synchronized), torch's context skips restoring
@@ -144,23 +159,17 @@ def capture(body, device: torch.device, pool: UniformPool):
 
 
 def _capture_cuda(body, device: torch.device, pool: UniformPool):
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    try:
-        with torch.cuda.stream(side):
-            body()  # sizes the pool
-            pool.allocate()
-            run = fuse(body)
-            try:
-                run()  # compiles, with the pool's own numbers
-            except Exception as err:  # Inductor could not compile it: capture the plain ops
-                log.warning("%s runs unfused: %s", getattr(body, "__qualname__", body), err)
-                run = body
-            with no_host_sync(device):
-                run()  # warm-up; a body that reads on the host fails here, before any capture
-    finally:  # also on failure: the caller's next work (a plain run) follows the side's
-        current.wait_stream(side)
+    with warming_up(device):
+        body()  # sizes the pool
+        pool.allocate()
+        run = fuse(body)
+        try:
+            run()  # compiles, with the pool's own numbers
+        except Exception as err:  # Inductor could not compile it: capture the plain ops
+            log.warning("%s runs unfused: %s", getattr(body, "__qualname__", body), err)
+            run = body
+        with no_host_sync(device):
+            run()  # warm-up; a body that reads on the host fails here, before any capture
     pool.pos = 0
     graph = torch.cuda.CUDAGraph()
     with capturing(graph, device):

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .device_graph import SetupClock, UniformPool, capturing, fuse, no_host_sync
+from .device_graph import SetupClock, UniformPool, capturing, fuse, no_host_sync, warming_up
 from .sampling import to_probs
 
 log = logging.getLogger(__name__)
@@ -131,25 +131,19 @@ class DraftLevelsGraph:
                 pool.allocate()
             return
         with SetupClock():  # not timed as decoding
-            current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(current)
-            try:
-                with torch.cuda.stream(side):
-                    run(self._body)  # sizes the pools, captures the buckets' own graphs, learns the widths
-                    for pool in self.pools:
-                        pool.allocate()
-                    plain = self.calls
-                    self.calls = [fuse(c) for c in plain]
-                    try:
-                        run(self._body)  # compiles the level functions
-                    except Exception as err:  # Inductor could not compile one: capture the plain ops
-                        log.warning("draft levels run unfused: %s", err)
-                        self.calls = plain
-                    with no_host_sync(self.device):
-                        run(self._body)  # warm-up; a level function that reads on the host fails here
-            finally:  # also after TooWide or NoRoom: later work on the current stream must follow the side's
-                current.wait_stream(side)
+            with warming_up(self.device):  # also joined after TooWide or NoRoom
+                run(self._body)  # sizes the pools, captures the buckets' own graphs, learns the widths
+                for pool in self.pools:
+                    pool.allocate()
+                plain = self.calls
+                self.calls = [fuse(c) for c in plain]
+                try:
+                    run(self._body)  # compiles the level functions
+                except Exception as err:  # Inductor could not compile one: capture the plain ops
+                    log.warning("draft levels run unfused: %s", err)
+                    self.calls = plain
+                with no_host_sync(self.device):
+                    run(self._body)  # warm-up; a level function that reads on the host fails here
             graph = torch.cuda.CUDAGraph()
             try:
                 with capturing(graph, self.device):

@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kv_write, tree_attention
-from .device_graph import SetupClock, capturing
+from .device_graph import SetupClock, capturing, warming_up
 from .lm import CACHE_KEYWORD, TreeMask
 
 log = logging.getLogger(__name__)
@@ -565,12 +565,9 @@ class GraphedRunner:
 
     def _graph_of(self, step, last: int) -> tuple:
         dev = self.device
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream), torch.no_grad():
+        with warming_up(dev), torch.no_grad():
             for _ in range(2):  # the first also compiles, when compiling
                 step()
-        torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with capturing(graph, dev), torch.no_grad():
             logits = step()

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .device_graph import capturing
+from .device_graph import capturing, warming_up
 
 try:  # Triton ships with CUDA builds of torch; the CPU test environment may install it for the interpreter
     import triton
@@ -187,12 +187,9 @@ def _time_us(fn, weights: list, dev, reps: int) -> float:
     """Microseconds per call of fn over the weights in turn, replayed as one CUDA graph: the
     runner replays graphs too, and timing plain launches would measure Triton's Python launch
     path (~10-20 us) instead of the kernel."""
-    stream = torch.cuda.Stream(dev)
-    stream.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(stream):
+    with warming_up(dev):
         for w in weights:
             fn(w)
-    torch.cuda.current_stream(dev).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with capturing(graph, dev):
         for i in range(reps):
