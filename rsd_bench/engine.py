@@ -185,7 +185,8 @@ class _DraftSession:
                 probs = self.children(rows, forward=depth < len(levels))
             return
         start = self.runner.length - self.base
-        rows, level_probs = fused.replay(self.runner, probs, state, gen, self.runner.length, self.pending - 1, len(self.seq))
+        rows, level_probs = fused.replay(self.runner, probs, state, gen, self.runner.length, self.pending - 1,
+                                         len(self.seq))
         first = 0
         for d, width in enumerate(fused.widths):
             drafted = d < len(level_probs)

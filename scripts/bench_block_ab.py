@@ -14,8 +14,9 @@ Per variant and method: wall ms per block (perf_counter around generate after a
 synchronization, the prefill included: it is the same for every variant), the engine's decode
 ms per block, and the timeline share outside forwards (bench_engine.ForwardEvents, a separate
 call each round) with its ms per block by engine phase: draft (the draft phase less the draft
-forwards, the tree read and the host's tree building after it), verify (from the built tree to
-the target forward's end, less that forward: the target call's mask, packing and launch) and overhead (verification, walk and cache compaction, all outside forwards). Medians
+forwards, the tree read and the host's tree building after it included), verify (from the
+built tree to the target forward's end, less that forward: the target call's mask, packing and
+launch) and overhead (verification, walk and cache compaction, all outside forwards). Medians
 over the rounds, and every value. Writes JSON (--out).
 Usage: python scripts/bench_block_ab.py [--rounds 6] [--new-tokens 256] [--methods sd,rsd_s]
 """
@@ -75,17 +76,17 @@ def main(argv=None) -> int:
         B.sync(dev)
         wall = time.perf_counter() - t0
         if timeline:
-            fwd = t.seconds() + d.seconds()
+            t_fwd, d_fwd = t.seconds(), d.seconds()  # each synchronizes and reads its events
             # every forward must be marked, the graph's draft levels included (the prefills are not)
             marked, ran = t.calls + d.calls, res.target_calls + res.draft_calls
             if abs(ran - marked) > 2:
                 raise RuntimeError(f"{variant}: {marked} forwards marked of {ran}: the timeline misses some")
             blocks = res.target_calls
             phases = {  # ms per block outside forwards, by phase: where the time goes
-                "draft": (res.draft_seconds - d.seconds()) / blocks * 1e3,
-                "verify": (res.verify_seconds - t.seconds()) / blocks * 1e3,
+                "draft": (res.draft_seconds - d_fwd) / blocks * 1e3,
+                "verify": (res.verify_seconds - t_fwd) / blocks * 1e3,
                 "overhead": res.overhead_seconds / blocks * 1e3}
-            return (res.decode_seconds - fwd) / res.decode_seconds, phases
+            return (res.decode_seconds - t_fwd - d_fwd) / res.decode_seconds, phases
         return wall / res.target_calls * 1e3, res.decode_seconds / res.target_calls * 1e3, res.block_efficiency
 
     saved = os.environ.get("RSD_BENCH_PHASE_SYNC")
@@ -121,7 +122,8 @@ def measure(a, run, variants, report) -> None:
             g["median"] = {k: statistics.median(g[k]) for k in ("wall_ms_per_block", "decode_ms_per_block",
                                                                  "timeline_outside")}
             g["median"]["outside_ms_per_block_by_phase"] = {
-                k: statistics.median(x[k] for x in g["outside_ms_per_block_by_phase"]) for k in ("draft", "verify", "overhead")}
+                k: statistics.median(x[k] for x in g["outside_ms_per_block_by_phase"])
+                for k in ("draft", "verify", "overhead")}
             m = g["median"]
             print(f"{method:7s} {v:14s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
                   f"  timeline outside {100 * m['timeline_outside']:.1f}%, ms/block by phase "
