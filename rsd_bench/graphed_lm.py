@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kv_write, tree_attention
 from .device_graph import SetupClock, capturing, warming_up
-from .lm import CACHE_KEYWORD, TreeMask
+from .lm import CACHE_KEYWORD, TreeMask, row_ancestors, rows_call
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class GraphedRunner:
         self._wide_seen: torch.Tensor | None = None  # ... or the pattern of a wider forward_children call
         self._child_graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, logits)
         self._child_views: dict[tuple, tuple] = {}  # (bucket, rows) -> see _children_graph
+        self._tree_graphs: dict[tuple, tuple] = {}  # (bucket, depth) -> (graph, ints, rows, logits): forward_rows
         self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
@@ -322,6 +323,25 @@ class GraphedRunner:
         self._rows_seen[:bucket].copy_(allowed)
         return self._masked_forward(bucket, allowed, ids, pos)
 
+    def _rows_step(self, bucket: int, depth: int, ints: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A forward_rows call, all on the device: ints = [positions (bucket), parent offsets
+        (bucket), length, n, root], rows = long [2, bucket] with call rows 1 .. n-1's [parent;
+        token] (column 0 and columns from n on are ignored: the root comes from ints, padded rows
+        see the cache and themselves); depth: the most ancestors a row has."""
+        pos, offsets = ints[:bucket], ints[bucket : 2 * bucket]
+        length, n, root = ints[2 * bucket], ints[2 * bucket + 1], ints[2 * bucket + 2]
+        r = self._rows[:bucket]
+        real = (r >= 1) & (r < n)
+        parent = torch.where(real, rows[0] + offsets, r).clamp(0, bucket - 1)
+        ids = torch.where(real, rows[1], torch.where(r == 0, root, 0))
+        torch.add(r, length, out=self.cache.write_pos[:bucket])
+        seen = row_ancestors(parent, depth)
+        rel = self._cols - length
+        block = seen.gather(1, rel.clamp(0, bucket - 1).expand(bucket, -1))
+        allowed = (rel < 0) | ((rel < bucket) & block)
+        self._rows_seen[:bucket].copy_(allowed)
+        return self._masked_forward(bucket, allowed, ids, pos)
+
     def _masked_forward(self, bucket: int, allowed: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor):
         mask = torch.where(allowed, self._zero, self._negt).view(1, 1, bucket, self.capacity)
         tree_attention.set_bound(self.cache.write_pos)  # rsd_tree reads no column past the last row's
@@ -399,6 +419,50 @@ class GraphedRunner:
         self.length += n
         self.calls += 1
         return out
+
+    @torch.no_grad()
+    def forward_rows(self, root: int, rows: torch.Tensor, parent_offsets: list[int], positions: list[int]) -> torch.Tensor:
+        """ModelRunner.forward_rows: a root and R tree rows [parent; token] given on the device.
+        A graph of its own per bucket builds the tree pattern from the parents on the device: the
+        host writes positions, offsets and lengths, copies the rows there and replays, without
+        reading anything back. A call wider than the largest bucket runs like a prefill."""
+        n, depth = len(positions), max(positions) - positions[0]
+        bucket = self._bucket(n)
+        if bucket is None:
+            ids, parent = rows_call(root, rows, parent_offsets)
+            return self.forward(ids, positions, row_ancestors(parent, depth))
+        if self.length + bucket > self.capacity:
+            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {bucket}); "
+                               "raise the fast runner's capacity")
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous call's copies have left the pinned buffer
+        pad = [0] * (bucket - n)
+        size = 2 * bucket + 3
+        self._ints_np[:size] = list(positions) + pad + [0] + list(parent_offsets) + pad + [self.length, n, int(root)]
+        self._rows_valid, self._wide_seen = True, None
+        if self.use_graphs:
+            if (bucket, depth) not in self._tree_graphs:
+                with SetupClock():  # not timed as decoding
+                    seen = self._rows_seen.clone()
+                    if bucket not in self._graphs:
+                        self._capture(bucket)
+                    self._tree_graphs[bucket, depth] = self._capture_rows(bucket, depth)
+                    self._rows_seen.copy_(seen)
+            graph, ints, rows_in, logits = self._tree_graphs[bucket, depth]
+            ints.copy_(self._pin_ints[:size], non_blocking=True)
+            self._copied.record()
+            rows_in[:, 1:n].copy_(rows)
+            graph.replay()
+            out = logits[0]
+        else:
+            ints = self._pin_ints[:size].to(self.device, copy=True)
+            rows_in = torch.zeros(2, bucket, dtype=torch.long, device=self.device)
+            rows_in[:, 1:n] = rows
+            out = self._rows_step(bucket, depth, ints, rows_in)[0]
+        self.length += n
+        self.calls += 1
+        out = out[:n]
+        return out if self.vocab_size is None else out[:, : self.vocab_size]
 
     # -- draft levels inside a caller's CUDA graph (draft_graph.DraftLevelsGraph) ------------------
     def level_bucket(self, n: int) -> int | None:
@@ -562,6 +626,18 @@ class GraphedRunner:
         finally:
             _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
         return (graph, ints, logits)
+
+    def _capture_rows(self, bucket: int, depth: int) -> tuple:
+        """The forward_rows graph of a bucket, with the attention kernel its bucket graph chose."""
+        last = self.capacity - bucket
+        ints = torch.tensor([0] * (2 * bucket) + [last, 1, 0], dtype=torch.long, device=self.device)
+        rows = torch.zeros(2, bucket, dtype=torch.long, device=self.device)
+        _set_attention(self.model, self.attention_choice[bucket]["chosen"])
+        try:
+            graph, logits = self._graph_of(lambda: self._rows_step(bucket, depth, ints, rows), last)
+        finally:
+            _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
+        return (graph, ints, rows, logits)
 
     def _graph_of(self, step, last: int) -> tuple:
         dev = self.device

@@ -75,6 +75,32 @@ class TreeMask(NamedTuple):
         return attend
 
 
+def row_ancestors(parent: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+    """bool [n, n]: row i sees row j where j is i or one of its ancestors; parent: long [n], each
+    row's parent row (a root's, and a padded row's, is itself); depth: the most ancestors a row
+    has (default n - 1). Pointer jumping: ceil(log2 depth) steps of three kernels, no host read,
+    so a CUDA graph can hold it."""
+    n = parent.shape[0]
+    depth = n - 1 if depth is None else depth
+    rows = torch.arange(n, device=parent.device)
+    seen = (rows[:, None] == rows) | (parent[:, None] == rows)  # itself and its parent
+    jump = parent
+    for _ in range(max(depth - 1, 0).bit_length()):  # after step k: the ancestors up to 2^k up
+        seen = seen | seen.index_select(0, jump)
+        jump = jump.index_select(0, jump)
+    return seen
+
+
+def rows_call(root: int, rows: torch.Tensor, parent_offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [1 + R], parent rows [1 + R]) on rows' device of a tree call given as a root and
+    R rows [parent; token] whose row i is a child of call row parent_offsets[i] + parent[i]."""
+    dev = rows.device
+    offsets = torch.tensor(parent_offsets, dtype=torch.long, device=dev)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    ids = torch.cat([zero + int(root), rows[1]])
+    return ids, torch.cat([zero, rows[0] + offsets])
+
+
 class ModelRunner:
     """A model plus its KV cache; `length` is the number of committed cache entries."""
 
@@ -147,6 +173,16 @@ class ModelRunner:
         seen = prev[parent_offset:].index_select(0, rows[0].to(prev.device))  # [n, length]
         own = torch.eye(n, dtype=torch.bool, device=prev.device)
         return self.forward(rows[1], positions, torch.cat([seen, own], 1))
+
+    @torch.no_grad()
+    def forward_rows(self, root: int, rows: torch.Tensor, parent_offsets: list[int], positions: list[int]) -> torch.Tensor:
+        """A tree call given on the device: call row 0 is `root`, call row 1 + i is rows[1, i]
+        (rows = [parent; token], long [2, R]), a child of call row parent_offsets[i] + rows[0, i].
+        Every row sees the whole cache, its ancestors and itself; positions: the 1 + R rows'.
+        Nothing is read on the host, so a target call can be queued right behind the draft that
+        built the rows (engine: before the host reads them). Returns float logits [1 + R, V]."""
+        ids, parent = rows_call(root, rows, parent_offsets)
+        return self.forward(ids, positions, row_ancestors(parent, max(positions) - positions[0]))
 
     def keep(self, start: int, rel_indices: list[int]) -> None:
         """Keep cache entries [0, start) and start+rel_indices; see TreeKVCache.keep."""

@@ -277,3 +277,78 @@ def test_tree_mask_with_a_column_outside_the_block_is_refused(models):
     runner.length = 40
     with pytest.raises(ValueError, match="outside"):  # below the prefix: would set another row's bit
         runner._pack([1, 2], [40, 40], 2, TreeMask(38, [[37, 40], [41]]))
+
+
+def _random_rows(widths: list[int], gen: torch.Generator, vocab: int = 259):
+    """Levels of rows [parent; token] (parent: a row of the level above; level 0's: the root),
+    with the parent offsets and the call's ancestor lists (call rows, root = 0)."""
+    parents, tokens, offsets, ancestors = [], [], [], [[0]]
+    above, first, prev = 0, 0, 1
+    for width in widths:
+        p = torch.randint(0, prev, (width,), generator=gen).tolist()
+        parents += p
+        tokens += torch.randint(3, vocab, (width,), generator=gen).tolist()
+        offsets += [above] * width
+        ancestors += [ancestors[above + q] + [1 + first + i] for i, q in enumerate(p)]
+        above, first, prev = 1 + first, first + width, width
+    return torch.tensor([parents, tokens]), offsets, ancestors
+
+
+def test_row_ancestors_follows_parents_in_any_order():
+    from rsd_bench.lm import row_ancestors
+
+    gen = torch.Generator().manual_seed(0)
+    for n in [1, 2, 3, 5, 9, 17, 40]:
+        order = torch.randperm(n, generator=gen).tolist()  # rows need not come in tree order
+        parent = [order[0]] * n  # a root at order[0]; each later row hangs below an earlier one
+        for k in range(1, n):
+            parent[order[k]] = order[int(torch.randint(0, k, (1,), generator=gen))]
+        expected = torch.zeros(n, n, dtype=torch.bool)
+        for i in range(n):
+            node = i
+            expected[i, node] = True
+            while node != order[0]:
+                node = parent[node]
+                expected[i, node] = True
+        assert torch.equal(row_ancestors(torch.tensor(parent)), expected)
+    chain = torch.tensor([0] + list(range(15)))  # depth 15 in 16 rows: the most jumps a bucket needs
+    assert torch.equal(row_ancestors(chain), torch.ones(16, 16, dtype=torch.bool).tril())
+    for depth in range(1, 16):  # with the depth given, fewer steps, still every ancestor
+        bounded = row_ancestors(chain[: depth + 1], depth)
+        assert torch.equal(bounded, torch.ones(depth + 1, depth + 1, dtype=torch.bool).tril())
+    assert not row_ancestors(chain[:4], 1)[3, 0]  # a bound too low misses ancestors (the check bites)
+
+
+@pytest.mark.parametrize("widths", [[1, 1, 1], [2, 2, 2, 2], [3, 6, 2], [12, 12]],
+                         ids=["chain", "bucket-16", "bucket-16-mixed", "wide-145"])
+def test_forward_rows_matches_a_tree_mask_call(models, widths):
+    """A target call over a root and rows given on the device gives the logits and cache entries
+    (a decode step after keeping one path reads them) of the same tree sent as host lists
+    (TreeMask), on both runners; 12-12 (145 rows) is wider than the largest bucket."""
+    from rsd_bench.lm import TreeMask
+
+    gen = torch.Generator().manual_seed(len(widths))
+    rows, offsets, ancestors = _random_rows(widths, gen)
+    n = 1 + rows.shape[1]
+    context = list(range(5, 45))
+    depth = [len(a) - 1 for a in ancestors]
+    past = len(context) - 1
+    for make in (lambda m: ModelRunner(m, vocab_size=259),
+                 lambda m: GraphedRunner(m, vocab_size=259, capacity=512, use_graphs=False)):
+        out = []
+        for by_rows in (True, False):
+            runner = make(models[0])
+            runner.reset(256)
+            runner.forward(context[:-1], list(range(past)), None)
+            positions = [past + d for d in depth]
+            if by_rows:
+                logits = runner.forward_rows(context[-1], rows, offsets, positions)
+            else:
+                mask = TreeMask(past, [[past + a for a in anc] for anc in ancestors])
+                logits = runner.forward([context[-1]] + rows[1].tolist(), positions, mask)
+            assert logits.shape == (n, 259) and runner.length == past + n
+            path = ancestors[-1]  # keep the root and the last row's ancestors, then decode on
+            runner.keep(past, path)
+            after = runner.forward([7], [past + len(path)], None)
+            out.append(torch.cat([logits, after]))
+        assert (out[0] - out[1]).abs().max() <= 1e-5
