@@ -2,6 +2,8 @@
 
 Draft trees grow through `_DraftSession`: node by node (`draft(nodes)`, host lists) or level by
 level on the device (`draft.children(rows)`, built into nodes by `finish` after the method returns).
+A tree grown on the device is verified by a target call over its rows (`forward_rows`), queued
+before the host reads them; a tree built on the host, by a call over its nodes.
 
 Invariants at the start of every block (seq = prompt + generated so far, n = len(seq)):
 - the target's cache holds seq[:-1]; seq[-1] (the root) is fed with the tree;
@@ -94,7 +96,9 @@ class _DraftSession:
         self.slot: dict[int, int] = {}  # node -> cache index relative to base
         self.calls = 0
         self.levels: list[_Level] = []  # children() calls, turned into tree nodes by finish()
-        self._rows: torch.Tensor | None = None  # all levels' rows at once, from grow's graph
+        self._rows: torch.Tensor | None = None  # all levels' rows at once (grow's graph, or all_rows)
+        self._host_rows: tuple | None = None  # (pinned copy of the rows, its copy's event): read_rows
+        self.node_row: dict[int, int] = {}  # tree node -> its first row (index into all_rows)
 
     def __call__(self, nodes: list[int]) -> torch.Tensor:
         tree, runner, root_pos = self.tree, self.runner, len(self.seq) - 1
@@ -231,13 +235,54 @@ class _DraftSession:
             return None  # level by level, where forward_children says whether it fits
         return entry
 
+    def all_rows(self) -> torch.Tensor:
+        """Every level's rows [parent; token; alive] in level order (long [3, R], on the device)."""
+        if self._rows is None:
+            self._rows = torch.cat([lv.rows for lv in self.levels], 1)
+        return self._rows
+
+    def call_layout(self) -> tuple[list[int], list[int]]:
+        """(parent offsets [R], positions [1 + R]) of a target call over the root and all_rows
+        (runner.forward_rows): a level-d row's parent is call row 1 + (first row of level d-1)
+        + its parent; level 0's parent is the root, call row 0."""
+        root_pos = len(self.seq) - 1
+        offsets, positions, above, first = [], [root_pos], 0, 0  # above: call row of the level above's row 0
+        for d, level in enumerate(self.levels):
+            width = level.rows.shape[1]
+            offsets += [above] * width
+            positions += [root_pos + 1 + d] * width
+            above, first = 1 + first, first + width
+        return offsets, positions
+
+    def read_rows(self) -> None:
+        """Start copying all_rows to the host. finish() then waits for this copy alone, not for
+        GPU work queued after it (the target call), as a plain read would."""
+        rows = self.all_rows()
+        if rows.device.type != "cuda":
+            return
+        host = _PINNED.get(tuple(rows.shape))
+        if host is None:
+            host = _PINNED[tuple(rows.shape)] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)  # the last block's finish() has read it
+        done = torch.cuda.Event()
+        done.record()
+        self._host_rows = (host, done)
+
+    def call_rows(self) -> list[int]:
+        """Each tree node's row in the target call over the root and all_rows (after finish)."""
+        return [0] + [1 + self.node_row[node] for node in range(1, len(self.tree))]
+
     def finish(self) -> None:
         """Turn the children() levels into tree nodes: the block's one host read of the draft."""
         if not self.levels:
             return
         tree = self.tree
-        rows = self._rows if self._rows is not None else torch.cat([lv.rows for lv in self.levels], 1)
-        parent, tokens, alive = rows.tolist()
+        if self._host_rows is not None:
+            host, done = self._host_rows
+            done.synchronize()
+        else:
+            host = self.all_rows()
+        parent, tokens, alive = host.tolist()
         row_node: list[int | None] = [0]  # the root's level
         first = 0
         for level in self.levels:
@@ -250,6 +295,7 @@ class _DraftSession:
                     continue
                 node = tree.propose(above, tokens[i])
                 nodes.append(node)
+                self.node_row.setdefault(node, i)
                 if level.start is not None:  # the first row of a node holds its cache entry and distribution
                     self.slot.setdefault(node, level.start + i - first)
                     tree.draft_probs.setdefault(node, probs[i - first])
@@ -261,6 +307,27 @@ class _DraftSession:
     def keep(self, path: list[int]) -> None:
         drafted = [self.slot[a] for a in path if a in self.slot]
         self.runner.keep(self.base, list(range(self.pending)) + drafted)
+
+
+_PINNED: dict[tuple, torch.Tensor] = {}  # host buffers of read_rows, per shape
+_STAGING: dict = {}  # device -> (pinned long buffer, event of its last copy): _indices
+
+
+def _indices(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as a long tensor on device without waiting for the GPU: a copy from pageable host
+    memory synchronizes the stream, here with the target call still running."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    buf, done = _STAGING.get(device, (None, None))
+    if buf is None or buf.numel() < len(values):
+        buf, done = torch.empty(max(256, len(values)), dtype=torch.long, pin_memory=True), torch.cuda.Event()
+    else:
+        done.synchronize()  # its last copy has left
+    buf.numpy()[: len(values)] = values
+    out = buf[: len(values)].to(device, non_blocking=True)
+    done.record()
+    _STAGING[device] = (buf, done)
+    return out
 
 
 def _without_gc(fn):
@@ -339,14 +406,28 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             watch.switch("draft")
             session = _DraftSession(draft, seq, tree, vocab_size, temperature, top_p, trace)
             method.draft_tree(tree, session, settings, gen)
-            session.finish()
             result.draft_calls += session.calls
 
         watch.switch("verify")
         root_pos = len(seq) - 1
-        # the target's cache holds seq[:-1]: every node sees it, then its ancestors and itself
-        mask = TreeMask(root_pos, [[root_pos + a for a in tree.ancestors(i)] for i in range(len(tree))])
-        logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], mask)
+        at = None  # each node's row in the target call, where that call is over the draft's rows
+        if (session is not None and session.levels and hasattr(target, "forward_rows")
+                and getattr(target, "target_from_rows", True)):  # False: benchmarks' A/B
+            # The target call goes from the draft's rows on the device, queued behind the draft
+            # before the host reads them: the host builds the tree while the target runs, instead
+            # of the GPU waiting for the host. Dead and repeated rows ride along (never read).
+            session.read_rows()
+            offsets, positions = session.call_layout()
+            logits = target.forward_rows(seq[-1], session.all_rows()[:2], offsets, positions)
+            session.finish()
+            at = session.call_rows()
+            logits = logits[: len(at)] if at == list(range(len(at))) else logits.index_select(0, _indices(at, device))
+        else:
+            if session is not None:
+                session.finish()
+            # the target's cache holds seq[:-1]: every node sees it, then its ancestors and itself
+            mask = TreeMask(root_pos, [[root_pos + a for a in tree.ancestors(i)] for i in range(len(tree))])
+            logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], mask)
         result.target_calls += 1
         result.nodes_per_call.append(len(tree))
         if trace is not None:
@@ -362,7 +443,7 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
         for d in range(len(path)):
             result.depth_accepts[d] += 1
 
-        target.keep(root_pos, [0] + path)
+        target.keep(root_pos, [0] + path if at is None else [at[a] for a in [0] + path])
         if session is not None:
             session.keep(path)
         emitted = [tree.tokens[a] for a in path] + [int(last)]

@@ -2,9 +2,12 @@
 """Per-block cost of the engine's execution options, A/B in one process, calls interleaved.
 
 The options: a block's draft levels as one CUDA graph (`fuse_draft_levels`, draft_graph) or
-level by level, and phase timing by CUDA events or by a synchronization at each phase switch
-(RSD_BENCH_PHASE_SYNC, lm.Stopwatch). The setting is bench_engine's overhead section: a
-7B-shaped random bf16 target and a 2-layer random draft in fast mode (compile="parts"), L = 4.
+level by level; phase timing by CUDA events or by a synchronization at each phase switch
+(RSD_BENCH_PHASE_SYNC, lm.Stopwatch); and the target call queued from the draft's rows on the
+device before the host reads them (`target_from_rows`, runner.forward_rows) or sent from the
+host-built tree after the read (the variants without "+rows"). The setting is bench_engine's
+overhead section: a 7B-shaped random bf16 target and a 2-layer random draft in fast mode
+(compile="parts"), L = 4.
 
 Separate processes on the lent VMs scatter by 5-10 points of the timeline share (BENCHMARKS.md
 00a, 00b), more than these options change. Here every round runs each variant once, in a
@@ -14,9 +17,9 @@ Per variant and method: wall ms per block (perf_counter around generate after a
 synchronization, the prefill included: it is the same for every variant), the engine's decode
 ms per block, and the timeline share outside forwards (bench_engine.ForwardEvents, a separate
 call each round) with its ms per block by engine phase: draft (the draft phase less the draft
-forwards, the tree read and the host's tree building after it included), verify (from the
-built tree to the target forward's end, less that forward: the target call's mask, packing and
-launch) and overhead (verification, walk and cache compaction, all outside forwards). Medians
+forwards; without "+rows" the tree read and the host's tree building after it included), verify
+(to the target forward's end, less that forward: the target call's mask, packing and launch,
+and with "+rows" the tree read and building, which overlap the target forward) and overhead (verification, walk and cache compaction, all outside forwards). Medians
 over the rounds, and every value. Writes JSON (--out).
 Usage: python scripts/bench_block_ab.py [--rounds 6] [--new-tokens 256] [--methods sd,rsd_s]
 """
@@ -38,10 +41,12 @@ import torch  # noqa: E402
 import bench_engine as B  # noqa: E402  (puts the repo on sys.path)
 from rsd_bench.engine import generate  # noqa: E402
 
-VARIANTS = {  # name -> (draft levels as one graph, phase timing by events)
-    "levels+sync": (False, False), "graph+sync": (True, False),
-    "levels+events": (False, True), "graph+events": (True, True),
+VARIANTS = {  # name -> (draft levels as one graph, phase timing by events, target call from the rows)
+    "levels+sync": (False, False, False), "graph+sync": (True, False, False),
+    "levels+events": (False, True, False), "graph+events": (True, True, False),
+    "graph+events+rows": (True, True, True),
 }
+DEFAULT_VARIANTS = "levels+sync,graph+events,graph+events+rows"
 
 
 def main(argv=None) -> int:
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="sd,spectr,rsd_c,rsd_s")
     p.add_argument("--L", type=int, default=4)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (tests the plumbing)")
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "bench_block_ab.json"))
     a = p.parse_args(argv)
@@ -61,12 +66,13 @@ def main(argv=None) -> int:
     target, draft, prompt, vocab = B.overhead_pair(dev, a.quick, a.context, a.context + a.new_tokens + 64 + 128 + 64)
     variants = [v for v in B._names(a.variants)]
     report = {"device": B.gpu_name(dev), "torch": torch.__version__, "L": a.L, "new_tokens": a.new_tokens,
-              "rounds": a.rounds, "variants": {v: dict(zip(("graph", "events"), VARIANTS[v])) for v in variants},
+              "rounds": a.rounds, "variants": {v: dict(zip(("graph", "events", "rows"), VARIANTS[v])) for v in variants},
               "results": []}
 
     def run(method, variant, timeline=False, new_tokens=None):
-        graph, events = VARIANTS[variant]
+        graph, events, rows = VARIANTS[variant]
         draft.fuse_draft_levels = graph
+        target.target_from_rows = rows
         os.environ["RSD_BENCH_PHASE_SYNC"] = "0" if events else "1"
         t, d = (B.ForwardEvents(target, dev), B.ForwardEvents(draft, dev)) if timeline else (target, draft)
         B.sync(dev)
@@ -125,7 +131,7 @@ def measure(a, run, variants, report) -> None:
                 k: statistics.median(x[k] for x in g["outside_ms_per_block_by_phase"])
                 for k in ("draft", "verify", "overhead")}
             m = g["median"]
-            print(f"{method:7s} {v:14s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
+            print(f"{method:7s} {v:18s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
                   f"  timeline outside {100 * m['timeline_outside']:.1f}%, ms/block by phase "
                   + " ".join(f"{k} {x:.3f}" for k, x in m["outside_ms_per_block_by_phase"].items())
                   + f"  (walls {g['wall_ms_per_block']})", flush=True)

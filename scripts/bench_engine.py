@@ -872,6 +872,9 @@ class ForwardTimer:
     def forward_children(self, *args, **kwargs):
         return self._timed(self._runner.forward_children, *args, **kwargs)
 
+    def forward_rows(self, *args, **kwargs):
+        return self._timed(self._runner.forward_rows, *args, **kwargs)
+
     def _timed(self, call, *args, **kwargs):
         sync(self._dev)
         t = time.perf_counter()
@@ -931,6 +934,9 @@ class ForwardEvents:
 
     def forward_children(self, *args, **kwargs):
         return self._marked(self._runner.forward_children, *args, **kwargs)
+
+    def forward_rows(self, *args, **kwargs):
+        return self._marked(self._runner.forward_rows, *args, **kwargs)
 
     def _marked(self, call, *args, **kwargs):
         if self._first:

@@ -131,7 +131,8 @@ def test_block_ab_quick_run_reports_every_variant(tmp_path, monkeypatch):
     spec.loader.exec_module(mod)
     monkeypatch.setattr(sys, "argv", ["bench_block_ab.py"])
     out = tmp_path / "ab.json"
-    assert mod.main(["--quick", "--rounds", "2", "--methods", "sd,rsd_s", "--out", str(out)]) == 0
+    assert mod.main(["--quick", "--rounds", "2", "--methods", "sd,rsd_s", "--variants", ",".join(mod.VARIANTS),
+                     "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["method"] for r in report["results"]] == ["sd", "rsd_s"]
     for row in report["results"]:
