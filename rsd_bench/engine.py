@@ -265,7 +265,7 @@ class _DraftSession:
             host = _PINNED[tuple(rows.shape)] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
         host.copy_(rows, non_blocking=True)  # the last block's finish() has read it
         done = torch.cuda.Event()
-        done.record()
+        done.record(_stream(rows.device))
         self._host_rows = (host, done)
 
     def call_rows(self) -> list[int]:
@@ -325,9 +325,22 @@ def _indices(values: list[int], device: torch.device) -> torch.Tensor:
         done.synchronize()  # its last copy has left
     buf.numpy()[: len(values)] = values
     out = buf[: len(values)].to(device, non_blocking=True)
-    done.record()
+    done.record(_stream(device))
     _STAGING[device] = (buf, done)
     return out
+
+
+def _stream(device: torch.device):
+    """The current stream of `device` (an event's record() alone takes the current device's)."""
+    return torch.cuda.current_stream(device)
+
+
+def _takes_rows(target, n: int) -> bool:
+    """Whether the target can take a call of n tree rows (forward_rows) now: a runner without it,
+    or a fast runner whose largest bucket or free cache is too small (a wide tree, many of whose
+    rows may be dead), gets the call over the tree's nodes instead."""
+    takes = getattr(target, "takes_rows", None)
+    return takes is not None and takes(n)
 
 
 def _without_gc(fn):
@@ -411,14 +424,18 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
         watch.switch("verify")
         root_pos = len(seq) - 1
         at = None  # each node's row in the target call, where that call is over the draft's rows
-        if (session is not None and session.levels and hasattr(target, "forward_rows")
-                and getattr(target, "target_from_rows", True)):  # False: benchmarks' A/B
+        if (session is not None and session.levels and getattr(target, "target_from_rows", True)  # False: A/B
+                and _takes_rows(target, 1 + session.all_rows().shape[1])):
             # The target call goes from the draft's rows on the device, queued behind the draft
             # before the host reads them: the host builds the tree while the target runs, instead
-            # of the GPU waiting for the host. Dead and repeated rows ride along (never read).
+            # of the GPU waiting for the host. Dead and repeated rows ride along (never read);
+            # dead rows go in as token 0 under their level's first parent, whatever a method left
+            # there (a last level's dead rows never met a model before).
             session.read_rows()
             offsets, positions = session.call_layout()
-            logits = target.forward_rows(seq[-1], session.all_rows()[:2], offsets, positions)
+            rows = session.all_rows()
+            rows = torch.where(rows[2:] != 0, rows[:2], 0)
+            logits = target.forward_rows(seq[-1], rows, offsets, positions)
             session.finish()
             at = session.call_rows()
             logits = logits[: len(at)] if at == list(range(len(at))) else logits.index_select(0, _indices(at, device))

@@ -420,6 +420,12 @@ class GraphedRunner:
         self.calls += 1
         return out
 
+    def takes_rows(self, n: int) -> bool:
+        """Whether forward_rows takes n rows as a bucket call now: wider calls would run like a
+        prefill (ungraphed, reading the tokens on the host) over rows that may be mostly dead."""
+        bucket = self._bucket(n)
+        return bucket is not None and self.length + bucket <= self.capacity
+
     @torch.no_grad()
     def forward_rows(self, root: int, rows: torch.Tensor, parent_offsets: list[int], positions: list[int]) -> torch.Tensor:
         """ModelRunner.forward_rows: a root and R tree rows [parent; token] given on the device.

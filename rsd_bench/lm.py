@@ -174,6 +174,10 @@ class ModelRunner:
         own = torch.eye(n, dtype=torch.bool, device=prev.device)
         return self.forward(rows[1], positions, torch.cat([seen, own], 1))
 
+    def takes_rows(self, n: int) -> bool:
+        """Whether forward_rows takes n rows now (the eager cache grows as needed)."""
+        return True
+
     @torch.no_grad()
     def forward_rows(self, root: int, rows: torch.Tensor, parent_offsets: list[int], positions: list[int]) -> torch.Tensor:
         """A tree call given on the device: call row 0 is `root`, call row 1 + i is rows[1, i]

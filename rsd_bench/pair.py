@@ -26,9 +26,15 @@ class TokenizerMismatchError(ValueError):
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """The device to run on; a CUDA device also becomes the current one, because CUDA events,
+    streams and graph replays without a device argument use the current device (e.g. cuda:1)."""
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -4,6 +4,8 @@ On the CPU the same static path runs without graphs: padding, the full-capacity 
 writes and in-place compaction are all exercised; only graph capture itself needs a GPU.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -352,3 +354,51 @@ def test_forward_rows_matches_a_tree_mask_call(models, widths):
             after = runner.forward([7], [past + len(path)], None)
             out.append(torch.cat([logits, after]))
         assert (out[0] - out[1]).abs().max() <= 1e-5
+
+
+def test_wide_trees_are_verified_over_nodes_on_a_tight_cache(models):
+    """RSD-C 12-12-1 drafts 300 rows: more than the largest bucket, most of them dead under top-p.
+    The fast runner then takes the call over the tree's nodes (takes_rows), so a cache sized for
+    the nodes suffices, and the tokens are the eager runner's (which verifies over rows)."""
+    target, draft = models
+    kw = dict(vocab_size=259, temperature=0.5, top_p=0.3, max_new_tokens=40, seed=0, timing=False,
+              branching=[12, 12, 1])
+    capacity = 4 + 40 + 3 + 192  # as pair.py sizes a fast runner: 192 entries of slack
+    fast_t = GraphedRunner(target, vocab_size=259, capacity=capacity, use_graphs=False)
+    calls = []
+    fast_t.forward_rows = lambda *a, **k: calls.append(1) or GraphedRunner.forward_rows(fast_t, *a, **k)
+    fast = generate(fast_t, GraphedRunner(draft, vocab_size=259, capacity=capacity, use_graphs=False),
+                    [1, 40, 50, 60], "rsd_c", 3, **kw)
+    eager = generate(ModelRunner(target), ModelRunner(draft), [1, 40, 50, 60], "rsd_c", 3, **kw)
+    assert fast.tokens == eager.tokens and not calls
+    assert not fast_t.takes_rows(1 + 300) and fast_t.takes_rows(1 + 8)
+
+
+def test_dead_rows_of_the_last_level_may_hold_any_value(models):
+    """A method may leave anything in a dead row of its last level (no draft call reads it):
+    the target call over rows gets them as token 0 of a valid parent, and the tokens match
+    the call over nodes."""
+    from rsd_bench.methods import rsd_c
+
+    def level(probs, alive, gen, b, last):
+        rows, alive = rsd_c.branch_level(probs, alive, gen=gen, b=b)
+        if last:  # -1 token and parent where dead
+            rows = torch.where(rows[2:] != 0, rows, torch.tensor([[-1], [-1], [0]]))
+        return rows, alive
+
+    def draft_tree(tree, draft, settings, gen):
+        probs = draft([0])
+        b = settings["branching"]
+        draft.grow(level, probs, (torch.ones(1, dtype=torch.long),), gen,
+                   [{"b": x, "last": i == len(b) - 1} for i, x in enumerate(b)])
+
+    method = dataclasses.replace(rsd_c.RSD_C, name="rsd_c_dead_rows_minus_one", draft_tree=draft_tree)
+    target, draft = models
+    got = []
+    for rows in (True, False):
+        t = ModelRunner(target)
+        t.target_from_rows = rows
+        res = generate(t, ModelRunner(draft), [1, 40, 50, 60], method, 3, vocab_size=259, temperature=0.5,
+                       top_p=0.3, max_new_tokens=40, seed=1, timing=False, branching=[3, 2, 2])
+        got.append(res.tokens)
+    assert got[0] == got[1]
