@@ -7,8 +7,10 @@
   tree a level at a time without reading anything on the host: `draft.children(rows)` with
   rows = long [3, n] on the device, [parent; token; alive], where parent indexes the previous
   level's rows (the root's level is one row, 0). It runs one draft forward over all n rows
-  (dead ones included, which keeps shapes static) and returns their distributions [n, V];
-  `forward=False` for the last level, which needs none. Alive rows become nodes after
+  (dead ones included, which keeps shapes static: their parents and tokens must be valid) and
+  returns their distributions [n, V]; `forward=False` for the last level, which needs none (its
+  dead rows may hold anything). The target then verifies the tree in one call over the root and
+  all rows, dead ones as token 0 (`forward_rows`, queued before the host reads the rows). Alive rows become nodes after
   draft_tree returns (one host read per block), proposed in row order, which must be each
   parent's draw order; rows with the same parent node and token share a node. A block uses
   one style or the other after the root. `draft.grow(level, probs, state, gen, levels)` runs
