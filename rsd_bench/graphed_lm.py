@@ -149,6 +149,9 @@ class GraphedRunner:
         self._child_graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, logits)
         self._child_views: dict[tuple, tuple] = {}  # (bucket, rows) -> see _children_graph
         self._tree_graphs: dict[tuple, tuple] = {}  # (bucket, depth) -> (graph, ints, rows, logits): forward_rows
+        # (start, end) CUDA events a benchmark proxy sets for one call: recorded around the call's
+        # GPU work, after its host packing (bench_engine.ForwardEvents)
+        self.span_events: tuple | None = None
         self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
@@ -360,8 +363,10 @@ class GraphedRunner:
                                "raise the fast runner's capacity")
         if bucket is not None:
             used = self._pack(tokens, positions, bucket, attend)
+            self._mark(0)
             logits = self._run_bucket(bucket, used)
         else:  # longer than the largest bucket (prefill): no graph, the mask built directly
+            self._mark(0)
             self._rows_valid = False
             self._wide_seen = None
             mask = self._mask(n, attend)
@@ -369,6 +374,7 @@ class GraphedRunner:
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
             logits = self._call_model(ids, pos, mask.view(1, 1, n, -1))[0]
+        self._mark(1)
         self.length += n
         self.calls += 1
         logits = logits[:n]
@@ -401,6 +407,7 @@ class GraphedRunner:
             self._copied.synchronize()
         size = 3 * bucket + 2
         self._ints_np[:size] = [0] * (2 * bucket) + list(positions) + [0] * (bucket - n) + [self.length, parent_offset]
+        self._mark(0)
         if self.use_graphs:
             views = self._child_views.get((bucket, n))
             if views is None:
@@ -416,6 +423,7 @@ class GraphedRunner:
             out = self._children_step(bucket, ints)[0, :n]
             if self.vocab_size is not None:
                 out = out[:, : self.vocab_size]
+        self._mark(1)
         self.length += n
         self.calls += 1
         return out
@@ -446,6 +454,7 @@ class GraphedRunner:
         size = 2 * bucket + 3
         self._ints_np[:size] = list(positions) + pad + [0] + list(parent_offsets) + pad + [self.length, n, int(root)]
         self._rows_valid, self._wide_seen = True, None
+        self._mark(0)
         if self.use_graphs:
             if (bucket, depth) not in self._tree_graphs:
                 with SetupClock():  # not timed as decoding
@@ -465,10 +474,16 @@ class GraphedRunner:
             rows_in = torch.zeros(2, bucket, dtype=torch.long, device=self.device)
             rows_in[:, 1:n] = rows
             out = self._rows_step(bucket, depth, ints, rows_in)[0]
+        self._mark(1)
         self.length += n
         self.calls += 1
         out = out[:n]
         return out if self.vocab_size is None else out[:, : self.vocab_size]
+
+    def _mark(self, i: int) -> None:
+        """Record span_events[i] (0: the call's GPU work starts, 1: it is queued), if set."""
+        if self.span_events is not None:
+            self.span_events[i].record()
 
     # -- draft levels inside a caller's CUDA graph (draft_graph.DraftLevelsGraph) ------------------
     def level_bucket(self, n: int) -> int | None:
@@ -524,6 +539,7 @@ class GraphedRunner:
         """forward_children without a graph, like a prefill: for levels of more rows than the
         largest bucket (RSD-C with b = 12-12-..., W or K > 128), whose pattern is kept whole."""
         n, dev, length = len(positions), self.device, self.length
+        self._mark(0)
         prev = self._wide_seen if self._wide_seen is not None else self._rows_seen
         own = self._cols == torch.arange(length, length + n, device=dev)[:, None]
         allowed = prev[parent_offset:].index_select(0, rows[0]) | own
@@ -531,6 +547,7 @@ class GraphedRunner:
         self.cache.write_pos[:n].copy_(torch.arange(length, length + n))
         pos = torch.tensor(positions, dtype=torch.long, device=dev).view(1, -1)
         logits = self._call_model(rows[1].reshape(1, -1), pos, mask.view(1, 1, n, -1))[0].float()
+        self._mark(1)
         self._rows_valid, self._wide_seen = False, allowed
         self.length += n
         self.calls += 1

@@ -16,11 +16,14 @@ rotating order, in one process on the same runners, so the variants share the VM
 Per variant and method: wall ms per block (perf_counter around generate after a
 synchronization, the prefill included: it is the same for every variant), the engine's decode
 ms per block, and the timeline share outside forwards (bench_engine.ForwardEvents, a separate
-call each round) with its ms per block by engine phase: draft (the draft phase less the draft
-forwards; without "+rows" the tree read and the host's tree building after it included), verify
-(to the target forward's end, less that forward: the target call's mask, packing and launch,
-and with "+rows" the tree read and building, which overlap the target forward) and overhead (verification, walk and cache compaction, all outside forwards). Medians
-over the rounds, and every value. Writes JSON (--out).
+call each round). The fast runner marks each forward's span after it has packed the call; the
+share with spans marked before the packing, as until the ninth session, is reported beside it.
+The time outside forwards is split by engine phase: draft (the draft phase less the draft
+forwards; without "+rows" the tree read and the host's tree building after it included),
+verify (to the target forward's end, less that forward: the target call's mask, packing and
+launch, and with "+rows" the tree read and building, which overlap the target forward) and
+overhead (verification, walk and cache compaction, all outside forwards). Medians over the
+rounds, and every value. Writes JSON (--out).
 Usage: python scripts/bench_block_ab.py [--rounds 6] [--new-tokens 256] [--methods sd,rsd_s]
 """
 
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         if timeline:
             t_fwd, d_fwd = t.seconds(), d.seconds()  # each synchronizes and reads its events
+            host_marked = t.host_marked_seconds() + d.host_marked_seconds()
             # every forward must be marked, the graph's draft levels included (the prefills are not)
             marked, ran = t.calls + d.calls, res.target_calls + res.draft_calls
             if abs(ran - marked) > 2:
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
                 "draft": (res.draft_seconds - d_fwd) / blocks * 1e3,
                 "verify": (res.verify_seconds - t_fwd) / blocks * 1e3,
                 "overhead": res.overhead_seconds / blocks * 1e3}
-            return (res.decode_seconds - t_fwd - d_fwd) / res.decode_seconds, phases
+            dec = res.decode_seconds
+            return (dec - t_fwd - d_fwd) / dec, phases, (dec - host_marked) / dec
         return wall / res.target_calls * 1e3, res.decode_seconds / res.target_calls * 1e3, res.block_efficiency
 
     saved = os.environ.get("RSD_BENCH_PHASE_SYNC")
@@ -112,7 +117,7 @@ def measure(a, run, variants, report) -> None:
             run(method, v, new_tokens=16)
             run(method, v, timeline=True, new_tokens=16)
         got = {v: {"wall_ms_per_block": [], "decode_ms_per_block": [], "timeline_outside": [],
-                   "outside_ms_per_block_by_phase": []} for v in variants}
+                   "timeline_outside_host_marked": [], "outside_ms_per_block_by_phase": []} for v in variants}
         for r in range(a.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]  # rotate the order
             for v in order:
@@ -120,19 +125,21 @@ def measure(a, run, variants, report) -> None:
                 got[v]["wall_ms_per_block"].append(round(wall, 4))
                 got[v]["decode_ms_per_block"].append(round(dec, 4))
                 got[v]["block_efficiency"] = eff
-                share, phases = run(method, v, timeline=True)
+                share, phases, share_host = run(method, v, timeline=True)
                 got[v]["timeline_outside"].append(round(share, 4))
+                got[v]["timeline_outside_host_marked"].append(round(share_host, 4))
                 got[v]["outside_ms_per_block_by_phase"].append({k: round(x, 4) for k, x in phases.items()})
         row = {"method": method, "variants": got}
         for v, g in got.items():
             g["median"] = {k: statistics.median(g[k]) for k in ("wall_ms_per_block", "decode_ms_per_block",
-                                                                 "timeline_outside")}
+                                                                 "timeline_outside", "timeline_outside_host_marked")}
             g["median"]["outside_ms_per_block_by_phase"] = {
                 k: statistics.median(x[k] for x in g["outside_ms_per_block_by_phase"])
                 for k in ("draft", "verify", "overhead")}
             m = g["median"]
             print(f"{method:7s} {v:18s} wall {m['wall_ms_per_block']:.3f} ms/block  decode {m['decode_ms_per_block']:.3f}"
-                  f"  timeline outside {100 * m['timeline_outside']:.1f}%, ms/block by phase "
+                  f"  timeline outside {100 * m['timeline_outside']:.1f}% "
+                  f"(host-marked {100 * m['timeline_outside_host_marked']:.1f}%), ms/block by phase "
                   + " ".join(f"{k} {x:.3f}" for k, x in m["outside_ms_per_block_by_phase"].items())
                   + f"  (walls {g['wall_ms_per_block']})", flush=True)
         report["results"].append(row)

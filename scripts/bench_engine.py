@@ -905,11 +905,19 @@ class ForwardEvents:
     Draft forwards inside the one-graph draft levels (draft_graph) are marked by events recorded
     in the graph: `graph_replay(spans)` is called before each replay, and reads the last
     replay's spans before the events are recorded again.
+
+    A runner with `span_events` (the fast runner) records a forward's span itself, after it has
+    packed the call on the host: a span marked here, before the call, also holds the GPU's wait
+    for that packing (e.g. the root draft call after the verification read). `seconds()` uses
+    the runner's marks where it has them; `host_marked_seconds()` the marks made here, for
+    comparison.
     """
 
     def __init__(self, runner, dev):
         self._runner, self._dev = runner, dev
-        self._spans: list = []
+        self._spans: list = []  # per forward: the runner's marks where it makes them, else ours
+        self._host_spans: list = []  # per forward: ours
+        self._graph_seconds = 0.0  # the draft graphs' in-graph spans, read so far
         self._graph_spans: list = []  # events of the last draft-graph replay, not read yet
         self._first = True
         self.calls = 0
@@ -922,7 +930,7 @@ class ForwardEvents:
     def _read_graph_spans(self):
         for start, end in self._graph_spans:
             end.synchronize()  # done long ago: the block's verification read its results
-            self._spans.append(start.elapsed_time(end) / 1e3)
+            self._graph_seconds += start.elapsed_time(end) / 1e3
         self._graph_spans = []
 
     def reset(self, capacity):
@@ -947,18 +955,39 @@ class ForwardEvents:
             t = time.perf_counter()
             out = call(*args, **kwargs)
             self._spans.append(time.perf_counter() - t)
+            self._host_spans.append(self._spans[-1])
             return out
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        inner = None
+        if hasattr(self._runner, "span_events"):
+            inner = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         start.record()
-        out = call(*args, **kwargs)
+        if inner is not None:
+            self._runner.span_events = inner
+        try:
+            out = call(*args, **kwargs)
+        finally:
+            if inner is not None:
+                self._runner.span_events = None
         end.record()
-        self._spans.append((start, end))
+        self._spans.append(inner or (start, end))
+        self._host_spans.append((start, end))
         return out
+
+    @staticmethod
+    def _sum(spans) -> float:
+        return sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in spans)
+
+    def host_marked_seconds(self) -> float:
+        """seconds(), with every span marked here, before the runner packs its call."""
+        sync(self._dev)
+        self._read_graph_spans()
+        return self._graph_seconds + self._sum(self._host_spans)
 
     def seconds(self) -> float:
         sync(self._dev)
         self._read_graph_spans()
-        return sum(s if isinstance(s, float) else s[0].elapsed_time(s[1]) / 1e3 for s in self._spans)
+        return self._graph_seconds + self._sum(self._spans)
 
     def __getattr__(self, name):
         return getattr(self._runner, name)

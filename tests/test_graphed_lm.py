@@ -402,3 +402,40 @@ def test_dead_rows_of_the_last_level_may_hold_any_value(models):
                        top_p=0.3, max_new_tokens=40, seed=1, timing=False, branching=[3, 2, 2])
         got.append(res.tokens)
     assert got[0] == got[1]
+
+
+def test_every_call_path_records_the_span_events_once(models):
+    """The benchmark's ForwardEvents hands the fast runner two events per call: each path of
+    forward, forward_children and forward_rows must record both, once (an unrecorded event
+    would fail the timing; one recorded twice would move the span)."""
+
+    class Mark:
+        def __init__(self):
+            self.records = 0
+
+        def record(self):
+            self.records += 1
+
+    runner = GraphedRunner(models[0], vocab_size=259, capacity=512, use_graphs=False)
+    runner.reset(256)
+    gen = torch.Generator().manual_seed(0)
+
+    def marked(call, *args):
+        runner.span_events = marks = (Mark(), Mark())
+        try:
+            call(*args)
+        finally:
+            runner.span_events = None
+        assert [m.records for m in marks] == [1, 1], call.__name__
+
+    marked(runner.forward, list(range(3, 160)), list(range(157)), None)  # wider than a bucket: prefill path
+    marked(runner.forward, [5, 6], [157, 158], None)  # a bucket
+    wide = torch.stack([torch.zeros(130, dtype=torch.long), torch.randint(3, 259, (130,), generator=gen)])
+    marked(runner.forward_children, wide, [159] * 130, 1)  # wider than a bucket
+    runner.keep(157, [0, 1])
+    marked(runner.forward, [7], [159], None)
+    marked(runner.forward_children, wide[:, :3], [160] * 3, 0)  # a bucket
+    for widths in ([2, 2], [12, 12]):  # a bucket, and wider than one (through forward)
+        rows, offsets, ancestors = _random_rows(widths, gen)
+        positions = [runner.length + len(a) - 1 for a in ancestors]
+        marked(runner.forward_rows, 9, rows, offsets, positions)
