@@ -21,6 +21,7 @@ runs without graphs, which is how the tests check it against the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -357,10 +358,7 @@ class GraphedRunner:
         positions = [int(p) for p in (positions.tolist() if isinstance(positions, torch.Tensor) else positions)]
         n = len(tokens)
         bucket = self._bucket(n)
-        rows = bucket if bucket is not None else n
-        if self.length + rows > self.capacity:
-            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {rows}); "
-                               "raise the fast runner's capacity")
+        self._check_room(bucket if bucket is not None else n)
         if bucket is not None:
             used = self._pack(tokens, positions, bucket, attend)
             self._mark(0)
@@ -398,9 +396,7 @@ class GraphedRunner:
         if not self._rows_valid and self._wide_seen is None:
             raise RuntimeError("forward_children follows a forward of the same runner (none since the "
                                "last reset, keep or prefill)")
-        if self.length + (bucket or n) > self.capacity:
-            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {bucket or n}); "
-                               "raise the fast runner's capacity")
+        self._check_room(bucket or n)
         if bucket is None or self._wide_seen is not None:
             return self._wide_children(rows, positions, parent_offset)
         if self._copied is not None:
@@ -445,9 +441,7 @@ class GraphedRunner:
         if bucket is None:
             ids, parent = rows_call(root, rows, parent_offsets)
             return self.forward(ids, positions, row_ancestors(parent, depth))
-        if self.length + bucket > self.capacity:
-            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {bucket}); "
-                               "raise the fast runner's capacity")
+        self._check_room(bucket)
         if self._copied is not None:
             self._copied.synchronize()  # the previous call's copies have left the pinned buffer
         pad = [0] * (bucket - n)
@@ -457,12 +451,7 @@ class GraphedRunner:
         self._mark(0)
         if self.use_graphs:
             if (bucket, depth) not in self._tree_graphs:
-                with SetupClock():  # not timed as decoding
-                    seen = self._rows_seen.clone()
-                    if bucket not in self._graphs:
-                        self._capture(bucket)
-                    self._tree_graphs[bucket, depth] = self._capture_rows(bucket, depth)
-                    self._rows_seen.copy_(seen)
+                self._tree_graphs[bucket, depth] = self._first_use(bucket, lambda: self._capture_rows(bucket, depth))
             graph, ints, rows_in, logits = self._tree_graphs[bucket, depth]
             ints.copy_(self._pin_ints[:size], non_blocking=True)
             self._copied.record()
@@ -511,14 +500,10 @@ class GraphedRunner:
         if bucket > n:
             parent = torch.nn.functional.pad(parent, (0, bucket - n))
             ids = torch.nn.functional.pad(ids, (0, bucket - n))
-        if self.use_graphs:  # the kernel the bucket's own graph chose
-            _set_attention(self.model, self.attention_choice[bucket]["chosen"])
-        try:
+        # the kernel the bucket's own graph chose
+        with self._chosen_attention(bucket) if self.use_graphs else contextlib.nullcontext():
             pos = position.expand(bucket) if isinstance(position, torch.Tensor) else self._rows[:bucket] * 0 + position
             logits = self._children_rows(bucket, parent, ids, pos, length, offset)[0, :n]
-        finally:
-            if self.use_graphs:
-                _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
         return logits if self.vocab_size is None else logits[:, : self.vocab_size]
 
     def rows_seen(self) -> torch.Tensor:
@@ -557,12 +542,7 @@ class GraphedRunner:
         """forward_children's graph of a bucket (captured on first use) and the views a call of n
         rows uses, made once: every tensor op costs host time between two draft levels."""
         if bucket not in self._child_graphs:
-            with SetupClock():  # not timed as decoding
-                seen = self._rows_seen.clone()  # warm-ups overwrite it
-                if bucket not in self._graphs:
-                    self._capture(bucket)
-                self._child_graphs[bucket] = self._capture_children(bucket)
-                self._rows_seen.copy_(seen)
+            self._child_graphs[bucket] = self._first_use(bucket, lambda: self._capture_children(bucket))
         graph, ints, logits = self._child_graphs[bucket]
         out = logits[0, :n] if self.vocab_size is None else logits[0, :n, : self.vocab_size]
         views = (graph, ints, self._pin_ints[: 3 * bucket + 2], ints[: 2 * bucket].view(2, bucket)[:, :n], out)
@@ -643,11 +623,8 @@ class GraphedRunner:
         """The forward_children graph of a bucket, with the attention kernel its bucket graph chose."""
         last = self.capacity - bucket
         ints = torch.tensor([0] * (3 * bucket) + [last, 0], dtype=torch.long, device=self.device)
-        _set_attention(self.model, self.attention_choice[bucket]["chosen"])
-        try:
+        with self._chosen_attention(bucket):
             graph, logits = self._graph_of(lambda: self._children_step(bucket, ints), last)
-        finally:
-            _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
         return (graph, ints, logits)
 
     def _capture_rows(self, bucket: int, depth: int) -> tuple:
@@ -655,12 +632,35 @@ class GraphedRunner:
         last = self.capacity - bucket
         ints = torch.tensor([0] * (2 * bucket) + [last, 1, 0], dtype=torch.long, device=self.device)
         rows = torch.zeros(2, bucket, dtype=torch.long, device=self.device)
+        with self._chosen_attention(bucket):
+            graph, logits = self._graph_of(lambda: self._rows_step(bucket, depth, ints, rows), last)
+        return (graph, ints, rows, logits)
+
+    @contextlib.contextmanager
+    def _chosen_attention(self, bucket: int):
+        """The model runs with the attention kernel the bucket's own graph chose, then with its own."""
         _set_attention(self.model, self.attention_choice[bucket]["chosen"])
         try:
-            graph, logits = self._graph_of(lambda: self._rows_step(bucket, depth, ints, rows), last)
+            yield
         finally:
             _set_attention(self.model, self.model_attention if self.attention == "auto" else self.attention)
-        return (graph, ints, rows, logits)
+
+    def _first_use(self, bucket: int, capture):
+        """capture() of a call graph at its first use, mid-generation: untimed (SetupClock), after
+        the bucket's own graph (its attention choice), keeping the rows' patterns the warm-ups
+        overwrite."""
+        with SetupClock():  # not timed as decoding
+            seen = self._rows_seen.clone()
+            if bucket not in self._graphs:
+                self._capture(bucket)
+            out = capture()
+            self._rows_seen.copy_(seen)
+        return out
+
+    def _check_room(self, rows: int) -> None:
+        if self.length + rows > self.capacity:
+            raise RuntimeError(f"cache capacity {self.capacity} exceeded ({self.length} + {rows}); "
+                               "raise the fast runner's capacity")
 
     def _graph_of(self, step, last: int) -> tuple:
         dev = self.device
