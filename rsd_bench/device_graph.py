@@ -46,6 +46,54 @@ class SetupClock:
         SetupClock.seconds += time.perf_counter() - self._t0
 
 
+_CAUGHT_UP: dict = {}  # device -> how many times the host has waited for all its queued work
+
+
+def caught_up(device: torch.device) -> None:
+    """Tell CopyGuards that the host has just waited for everything queued on `device`'s stream
+    (a blocking read such as the verification's): every copy recorded before is done."""
+    _CAUGHT_UP[device] = _CAUGHT_UP.get(device, 0) + 1
+
+
+class CopyGuard:
+    """Guards a pinned host buffer whose asynchronous copy to the device may still be running.
+
+    record() after queuing the copy; wait() before writing the buffer again. wait() synchronizes
+    on the copy's event only if the host has not caught up with the device since (`caught_up`):
+    on the lent GPU machines each CUDA call costs the host 10-30 us, and the calls right after
+    the verification read are time the GPU idles through.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.epoch: int | None = None  # _CAUGHT_UP count when last recorded; None: nothing pending
+
+    def record(self, stream=None) -> None:
+        if self.event is not None:
+            self.event.record(stream)
+            self.epoch = _CAUGHT_UP.get(self.device, 0)
+
+    def wait(self) -> None:
+        if self.epoch is not None and self.epoch == _CAUGHT_UP.get(self.device, 0):
+            self.event.synchronize()
+        self.epoch = None
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(value, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [size] tensor filled with value, made once per (value, size, dtype, device): a method's
+    initial draft state, e.g. every chain at the root. Never write to it. The same tensor every
+    block spares a fill launch, and the draft levels graph its copy (DraftLevelsGraph._inputs)."""
+    key = (value, size, dtype, torch.device(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.full((size,), value, dtype=dtype, device=device)
+    return t
+
+
 def pooled(device: torch.device) -> bool:
     return device.type == "cuda" or FORCE_POOLED
 

@@ -24,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from . import kv_write, tree_attention
-from .device_graph import SetupClock, capturing, warming_up
+from .device_graph import CopyGuard, SetupClock, capturing, warming_up
 from .lm import CACHE_KEYWORD, TreeMask, row_ancestors, rows_call
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class GraphedRunner:
         self.length = 0
         self.calls = 0
         self.draft_graphs: dict = {}  # draft_graph.DraftLevelsGraph per method level function and shapes
-        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, ints, bits, logits)
+        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, input bytes (see _call_layout), logits)
         self._neg = torch.finfo(self.dtype).min
         self._rows = torch.arange(max(buckets), device=self.device)  # row indices of a bucket call
         # Bucket calls send their inputs as two small host buffers (see _pack) and build the mask
@@ -139,9 +140,15 @@ class GraphedRunner:
         self._negt = torch.full((), self._neg, dtype=self.dtype, device=self.device)
         pin = self.device.type == "cuda"
         self._pin_ints = torch.zeros(3 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
-        self._pin_bits = torch.zeros(max(buckets) * capacity, dtype=torch.uint8, pin_memory=pin)
-        self._ints_np, self._bits_np = self._pin_ints.numpy(), self._pin_bits.numpy()
-        self._copied = torch.cuda.Event() if pin else None
+        self._ints_np = self._pin_ints.numpy()
+        self._keep_src = torch.zeros(self._pin_ints.numel(), dtype=torch.long, device=self.device)  # keep()
+        # a bucket call's inputs travel in one copy: [ints (int64, 2 * bucket + 3) | bits (uint8)]
+        # as bytes, laid out as the bucket graph's own buffer (`_call_layout`)
+        self._pin_call = torch.zeros(8 * (2 * max(buckets) + 3) + max(buckets) * capacity, dtype=torch.uint8,
+                                     pin_memory=pin)
+        self._call_np = self._pin_call.numpy()
+        self._call_views: dict[tuple, tuple] = {}  # (bucket, bytes, rows) -> (graph, device bytes, pinned bytes, logits)
+        self._copied = CopyGuard(self.device)
         # every bucket call leaves its rows' attention pattern here, so that forward_children
         # can build its rows from them on the device (valid: no keep or prefill since)
         self._rows_seen = torch.zeros(max(buckets), capacity, dtype=torch.bool, device=self.device)
@@ -153,7 +160,7 @@ class GraphedRunner:
         # (start, end) CUDA events a benchmark proxy sets for one call: recorded around the call's
         # GPU work, after its host packing (bench_engine.ForwardEvents)
         self.span_events: tuple | None = None
-        self._tril = torch.ones(max(buckets), max(buckets), dtype=torch.uint8).tril_()  # causal blocks
+        self._tril = np.tril(np.ones((max(buckets), max(buckets)), dtype=np.uint8))  # causal blocks
         # attention implementation per captured bucket: "auto" times the candidates (GPU graphs only)
         self.model_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
         if attention not in ("auto",) + ATTENTIONS:
@@ -277,14 +284,14 @@ class GraphedRunner:
                 P = min(int(partial[0]) if len(partial) else length, length)
                 attend = attend[:, P:]
         width = length + bucket - P
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous call's copies have left these buffers
+        self._copied.wait()  # the previous call's copies have left these buffers
         pad = [0] * (bucket - n)
-        # numpy views of the pinned buffers: a list assignment there costs ~1 us, a torch.tensor
-        # plus a tensor copy ~10 (this runs between a draft level's host read and its next call)
-        self._ints_np[: 2 * bucket + 3] = tokens + pad + positions + pad + [P, width, length]
+        # numpy views of the pinned buffer only: a list assignment there costs ~1 us, a torch op on
+        # a CPU tensor 5-10 (this runs right after the verification read, while the GPU idles)
+        head = 8 * (2 * bucket + 3)
+        self._call_np[:head].view(np.int64)[:] = tokens + pad + positions + pad + [P, width, length]
         used = bucket * width
-        flat = self._bits_np[:used]
+        flat = self._call_np[head : head + used]
         flat[:] = 0
         own = length - P  # block column of the first new row
         if attend_rows is not None:
@@ -292,14 +299,24 @@ class GraphedRunner:
                 raise ValueError(f"a TreeMask row names a column outside [{P}, {length + n}): {attend_rows}")
             flat[[i * width + c - P for i, row in enumerate(attend_rows) for c in row]] = 1
         else:
-            bits = self._pin_bits[:used].view(bucket, width)
+            bits = flat.reshape(bucket, width)
             if attend is None:
                 bits[:n, own : own + n] = self._tril[:n, :n]
             else:
-                bits[:n, : attend.shape[1]] = attend
+                bits[:n, : attend.shape[1]] = attend.numpy()
         if bucket > n:  # padded rows: the prefix and themselves
             flat[[r * width + own + r for r in range(n, bucket)]] = 1
         return used
+
+    def packed_call(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ints, bits) of the last _pack for `bucket`, as views of the pinned buffer (tests)."""
+        head = 8 * (2 * bucket + 3)
+        return self._pin_call[:head].view(torch.long), self._pin_call[head:]
+
+    def _call_layout(self, bucket: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ints, bits) views of a bucket call's byte buffer [ints (int64) | bits (uint8)]."""
+        head = 8 * (2 * bucket + 3)
+        return buf[:head].view(torch.long), buf[head:]
 
     def _bucket_step(self, bucket: int, ints: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """A bucket call from its packed inputs (see _pack), all on the device: what the graph holds."""
@@ -362,7 +379,7 @@ class GraphedRunner:
         if bucket is not None:
             used = self._pack(tokens, positions, bucket, attend)
             self._mark(0)
-            logits = self._run_bucket(bucket, used)
+            logits = self._run_bucket(bucket, used, n)
         else:  # longer than the largest bucket (prefill): no graph, the mask built directly
             self._mark(0)
             self._rows_valid = False
@@ -371,16 +388,13 @@ class GraphedRunner:
             self.cache.write_pos[:n].copy_(torch.arange(self.length, self.length + n))
             ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
-            logits = self._call_model(ids, pos, mask.view(1, 1, n, -1))[0]
+            logits = self._out_rows(self._call_model(ids, pos, mask.view(1, 1, n, -1))[0], n)
         self._mark(1)
         self.length += n
         self.calls += 1
-        logits = logits[:n]
-        if self.vocab_size is not None:
-            logits = logits[:, : self.vocab_size]
         # on a GPU these are the bucket graph's own output: read or copy them before the next call
         # of the same bucket size (the engine turns them into probabilities at once)
-        return logits.float()
+        return logits
 
     @torch.no_grad()
     def forward_children(self, rows: torch.Tensor, positions: list[int], parent_offset: int = 0) -> torch.Tensor:
@@ -399,8 +413,7 @@ class GraphedRunner:
         self._check_room(bucket or n)
         if bucket is None or self._wide_seen is not None:
             return self._wide_children(rows, positions, parent_offset)
-        if self._copied is not None:
-            self._copied.synchronize()
+        self._copied.wait()
         size = 3 * bucket + 2
         self._ints_np[:size] = [0] * (2 * bucket) + list(positions) + [0] * (bucket - n) + [self.length, parent_offset]
         self._mark(0)
@@ -442,8 +455,7 @@ class GraphedRunner:
             ids, parent = rows_call(root, rows, parent_offsets)
             return self.forward(ids, positions, row_ancestors(parent, depth))
         self._check_room(bucket)
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous call's copies have left the pinned buffer
+        self._copied.wait()  # the previous call's copies have left the pinned buffer
         pad = [0] * (bucket - n)
         size = 2 * bucket + 3
         self._ints_np[:size] = list(positions) + pad + [0] + list(parent_offsets) + pad + [self.length, n, int(root)]
@@ -549,29 +561,51 @@ class GraphedRunner:
         self._child_views[(bucket, n)] = views
         return views
 
-    def _run_bucket(self, bucket: int, used: int) -> torch.Tensor:
-        """Run a packed bucket call: its graph on a GPU, the same step plainly elsewhere."""
+    def _out_rows(self, logits: torch.Tensor, n: int) -> torch.Tensor:
+        """A call's float logits [n, vocab] from the model's [rows, V]."""
+        logits = logits[:n]
+        if self.vocab_size is not None:
+            logits = logits[:, : self.vocab_size]
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    def _run_bucket(self, bucket: int, used: int, n: int) -> torch.Tensor:
+        """Run a packed bucket call of n rows: its graph on a GPU, the same step plainly elsewhere."""
         self._rows_valid, self._wide_seen = True, None
+        size = 8 * (2 * bucket + 3) + used
         if not self.use_graphs:
-            ints = self._pin_ints[: 2 * bucket + 3].to(self.device, copy=True)
-            bits = self._pin_bits[:used].to(self.device, copy=True)
-            return self._bucket_step(bucket, ints, bits)[0]
-        if bucket not in self._graphs:
-            with SetupClock():  # not timed as decoding
-                self._capture(bucket)
-        graph, ints, bits, logits = self._graphs[bucket]
-        ints.copy_(self._pin_ints[: 2 * bucket + 3], non_blocking=True)
-        bits[:used].copy_(self._pin_bits[:used], non_blocking=True)
+            buf = self._pin_call[:size].to(self.device, copy=True)
+            return self._out_rows(self._bucket_step(bucket, *self._call_layout(bucket, buf))[0], n)
+        views = self._call_views.get((bucket, size, n))
+        if views is None:  # views made once: each slicing op costs the host a few us per call
+            if len(self._call_views) > 512:  # widths vary with a host-built tree's prefix: stay bounded
+                self._call_views.clear()
+            if bucket not in self._graphs:
+                with SetupClock():  # not timed as decoding
+                    self._capture(bucket)
+            graph, buf, logits = self._graphs[bucket]
+            views = self._call_views[bucket, size, n] = (graph, buf[:size], self._pin_call[:size],
+                                                         self._out_rows(logits[0], n))
+        graph, buf, pinned, logits = views
+        buf.copy_(pinned, non_blocking=True)  # one copy: ints and bits
         self._copied.record()
         graph.replay()
-        return logits[0]
+        return logits
 
     @torch.no_grad()
     def keep(self, start: int, rel_indices: list[int]) -> None:
         self._rows_valid, self._wide_seen = False, None  # the last call's columns no longer match the cache
         n = len(rel_indices)
         if n and list(rel_indices) != list(range(n)):
-            src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
+            # the indices travel through the pinned buffer, asynchronously: a blocking copy from
+            # pageable memory would wait for all queued GPU work (the engine may keep while a draft runs)
+            if n <= len(self._ints_np):
+                self._copied.wait()
+                self._ints_np[:n] = [start + i for i in rel_indices]
+                src = self._keep_src[:n]
+                src.copy_(self._pin_ints[:n], non_blocking=True)
+                self._copied.record()
+            else:
+                src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
             kv = self.cache.kv
             kv[:, :, :, :, start : start + n] = kv.index_select(4, src)
         self.length = start + n
@@ -613,11 +647,12 @@ class GraphedRunner:
         # warm-ups, capture and timing replays write where nobody reads: the last `bucket` slots
         # (length = P = capacity - bucket, each row sees the prefix and itself)
         last = self.capacity - bucket
-        ints = torch.tensor([0] * (2 * bucket) + [last, bucket, last], dtype=torch.long, device=self.device)
-        bits = torch.zeros(bucket * self.capacity, dtype=torch.uint8, device=self.device)
+        buf = torch.zeros(8 * (2 * bucket + 3) + bucket * self.capacity, dtype=torch.uint8, device=self.device)
+        ints, bits = self._call_layout(bucket, buf)
+        ints.copy_(torch.tensor([0] * (2 * bucket) + [last, bucket, last], dtype=torch.long))
         bits[: bucket * bucket] = torch.eye(bucket, dtype=torch.uint8, device=self.device).view(-1)
         graph, logits = self._graph_of(lambda: self._bucket_step(bucket, ints, bits), last)
-        return (graph, ints, bits, logits)
+        return (graph, buf, logits)
 
     def _capture_children(self, bucket: int) -> tuple:
         """The forward_children graph of a bucket, with the attention kernel its bucket graph chose."""

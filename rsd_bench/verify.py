@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .device_graph import UniformPool, capture, pooled
+from .device_graph import UniformPool, capture, caught_up, pooled
 from .sampling import sample_rows, to_probs
 from .tree import DraftTree
 
@@ -29,7 +29,7 @@ class Walk:
 
 
 def decide(verify_children, tree: DraftTree, logits: torch.Tensor, settings: dict, gen: torch.Generator,
-           temperature: float = 1.0, top_p: float | None = None) -> tuple[list[int], list[int]]:
+           temperature: float = 1.0, top_p: float | None = None, before_read=None) -> tuple[list[int], list[int]]:
     """(choice, token) per tree node as host lists: choice is the accepted proposal's index or
     -1 (all rejected, or a leaf); token is the residual sample where all were rejected and the
     target's bonus token at a leaf. logits: the target's [len(tree), V] at the tree's nodes.
@@ -37,6 +37,8 @@ def decide(verify_children, tree: DraftTree, logits: torch.Tensor, settings: dic
     On a GPU the device work runs as a CUDA graph per (padded) tree shape (see GraphedDecide);
     a verifier that cannot be captured (one that reads values on the host, or draws randomness
     other than through rsd_bench.sampling) falls back to the plain path, once, with a warning.
+    before_read(), if given, runs after the verification has drawn its random numbers and its
+    work is queued, before the host waits for the answers.
     """
     internal = [i for i in range(len(tree)) if tree.proposals[i]]
     if pooled(logits.device):
@@ -52,19 +54,29 @@ def decide(verify_children, tree: DraftTree, logits: torch.Tensor, settings: dic
                 graphed = False
             _GRAPHS[key] = graphed
         if graphed:
-            return graphed(tree, internal, logits, gen)
-    return _decide_plain(verify_children, tree, internal, to_probs(logits, temperature, top_p), settings, gen)
+            return graphed(tree, internal, logits, gen, before_read)
+    return _decide_plain(verify_children, tree, internal, to_probs(logits, temperature, top_p), settings, gen,
+                         before_read)
 
 
-def _decide_plain(verify_children, tree, internal, target_probs, settings, gen):
+def _read(out: torch.Tensor, before_read) -> list[int]:
+    """The block's one synchronisation: out as a host list, before_read() first."""
+    if before_read is not None:
+        before_read()
+    values = out.tolist()
+    caught_up(out.device)  # every copy queued before is done (CopyGuard)
+    return values
+
+
+def _decide_plain(verify_children, tree, internal, target_probs, settings, gen, before_read=None):
     n = len(tree)
     if not internal:
-        return [-1] * n, sample_rows(target_probs, gen).tolist()
+        return [-1] * n, _read(sample_rows(target_probs, gen), before_read)
     m, k = len(internal), max(len(tree.proposals[i]) for i in internal)
     host = torch.tensor(_flat_inputs(tree, internal, m, k, pad_row=0), dtype=torch.long)  # one copy
     rows, proposals = host.to(target_probs.device, non_blocking=True).split([m, m * k])
-    both = _decisions(verify_children, target_probs, rows, torch.stack([tree.draft_probs[i] for i in internal]),
-                      proposals.view(m, k), settings, gen).tolist()  # the block's one synchronisation
+    both = _read(_decisions(verify_children, target_probs, rows, torch.stack([tree.draft_probs[i] for i in internal]),
+                            proposals.view(m, k), settings, gen), before_read)
     return both[:n], both[n:]
 
 
@@ -123,7 +135,8 @@ class GraphedDecide:
         return _decisions(self.verify_children, probs, rows, self.draft, proposals.view(self.rows, self.k),
                           self.settings, self.pool)
 
-    def __call__(self, tree: DraftTree, internal: list[int], logits: torch.Tensor, gen) -> tuple[list, list]:
+    def __call__(self, tree: DraftTree, internal: list[int], logits: torch.Tensor, gen,
+                 before_read=None) -> tuple[list, list]:
         n, m = len(tree), len(internal)
         self.pool.refill(gen)
         self.logits[:n].copy_(logits)
@@ -136,7 +149,7 @@ class GraphedDecide:
             out = self.out
         else:  # FORCE_POOLED on the CPU
             out = self.body()
-        both = out.tolist()  # the block's one synchronisation
+        both = _read(out, before_read)
         if not self.rows:  # bonus tokens only
             return [-1] * n, both[:n]
         return both[:n], both[self.nodes + 1 : self.nodes + 1 + n]  # rows: nodes and the dummy

@@ -264,12 +264,13 @@ def test_tree_mask_packs_the_same_bits_as_its_dense_pattern(models):
         rows = [sorted(set(c) | {past + i}) for i, c in enumerate(cached)]
         mask = TreeMask(prefix, rows)
         used = runner._pack(list(range(n)), [past] * n, bucket, mask)
-        ints, bits = runner._pin_ints[: 2 * bucket + 3].clone(), runner._pin_bits[:used].clone()
+        ints, bits = (t.clone() for t in runner.packed_call(bucket))
+        bits = bits[:used]
         dense = mask.dense(n, past + n)
         assert dense[:, :prefix].all() and dense.sum() == n * prefix + sum(map(len, rows))
         assert runner._pack(list(range(n)), [past] * n, bucket, dense) == used
-        assert torch.equal(runner._pin_ints[: 2 * bucket + 3], ints)
-        assert torch.equal(runner._pin_bits[:used], bits)
+        assert torch.equal(runner.packed_call(bucket)[0], ints)
+        assert torch.equal(runner.packed_call(bucket)[1][:used], bits)
 
 
 def test_tree_mask_with_a_column_outside_the_block_is_refused(models):
