@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .device_graph import SetupClock, UniformPool, capturing, fuse, no_host_sync, warming_up
+from .device_graph import CopyGuard, SetupClock, UniformPool, capturing, fuse, no_host_sync, warming_up
 from .sampling import to_probs
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class DraftLevelsGraph:
         self.vocab, self.temperature, self.top_p = vocab, temperature, top_p
         self.probs_in = probs.clone()
         self.state_in = [s.clone() for s in state]
+        self._state_seen: list[tuple | None] = [None] * len(state)  # (tensor, version) last copied in
         self.pools = [UniformPool(self.device) for _ in levels]
         self.calls = [_level_call(fn, static) for static in levels]
         self.widths: list[int] | None = None  # rows per level, known after the first (sizing) run
@@ -69,7 +70,8 @@ class DraftLevelsGraph:
         self.ints = torch.zeros(3, dtype=torch.long, device=self.device)
         self._pinned = torch.zeros(3, dtype=torch.long, pin_memory=cuda)
         self._pinned_np = self._pinned.numpy()
-        self._copied = torch.cuda.Event() if cuda else None
+        self._copied = CopyGuard(self.device)
+        self._filled_by = None  # the generator prefill() drew this replay's numbers from, if any
         # timed (the benchmark's GPU-timeline proxy): events around each level's draft forward,
         # recorded inside the graph; the runner reads them (graph_replay) before they are reused
         ext = dict(enable_timing=True, external=True)
@@ -118,6 +120,7 @@ class DraftLevelsGraph:
         self._inputs(probs, state, length, offset, position)
         self._built_on = runner.rows_seen()  # the buffers the graph reads and writes
         seen = self._built_on.clone()
+        given = [s.clone() for s in self.state_in]
 
         def run(body):
             try:
@@ -125,8 +128,15 @@ class DraftLevelsGraph:
             finally:
                 runner.rows_seen().copy_(seen)  # the next run (or the replay) reads level 0's
 
+        def check_state():
+            if not all(torch.equal(a, b) for a, b in zip(self.state_in, given)):
+                self._state_seen = None  # the level function writes its state: copy it in every time
+                for a, b in zip(self.state_in, given):
+                    a.copy_(b)
+
         if self.device.type != "cuda":
             run(self._body)
+            check_state()
             for pool in self.pools:
                 pool.allocate()
             return
@@ -144,6 +154,7 @@ class DraftLevelsGraph:
                     self.calls = plain
                 with no_host_sync(self.device):
                     run(self._body)  # warm-up; a level function that reads on the host fails here
+                check_state()
             graph = torch.cuda.CUDAGraph()
             try:
                 with capturing(graph, self.device):
@@ -154,14 +165,29 @@ class DraftLevelsGraph:
 
     def _inputs(self, probs, state, length: int, offset: int, position: int) -> None:
         self.probs_in.copy_(probs)
-        for dst, src in zip(self.state_in, state):
-            dst.copy_(src)
-        if self._copied is not None:
-            self._copied.synchronize()  # the last replay's copy has left the pinned buffer
+        for i, (dst, src) in enumerate(zip(self.state_in, state)):
+            # a method's initial state is often the same tensor every block (device_graph.constant):
+            # copied again only if it is another tensor or was written since (its version counter)
+            last = self._state_seen[i] if self._state_seen is not None else None
+            if last is None or last[0] is not src or last[1] != src._version:
+                dst.copy_(src)
+                if self._state_seen is not None:
+                    self._state_seen[i] = (src, src._version)
+        self._copied.wait()  # the last replay's copy has left the pinned buffer
         self._pinned_np[:] = (length, offset, position)
         self.ints.copy_(self._pinned, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        self._copied.record()
+
+    def prefill(self, gen) -> None:
+        """Refill the pools for the next replay now, from gen, which that replay must then be given.
+
+        The engine calls this right after the block's verification has drawn its numbers, before
+        it waits for the verification: the next block's levels draw next from the generator in
+        any case, so they get the same numbers as when refilled at the replay, and the four
+        refill launches leave the time the GPU idles after the read."""
+        for pool in self.pools:
+            pool.refill(gen)
+        self._filled_by = gen
 
     def rows_drafted(self) -> int:
         return sum(self.widths[:-1])
@@ -173,8 +199,10 @@ class DraftLevelsGraph:
         if runner.rows_seen() is not self._built_on:
             raise ValueError("a draft levels graph replayed on a runner other than the one it was built on")
         self._inputs(probs, state, length, offset, position)
-        for pool in self.pools:
-            pool.refill(gen)
+        if self._filled_by is not gen:
+            for pool in self.pools:
+                pool.refill(gen)
+        self._filled_by = None
         hook = getattr(runner, "graph_replay", None)
         if hook is not None:
             hook(self.spans)

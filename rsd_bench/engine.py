@@ -99,6 +99,7 @@ class _DraftSession:
         self._rows: torch.Tensor | None = None  # all levels' rows at once (grow's graph, or all_rows)
         self._host_rows: tuple | None = None  # (pinned copy of the rows, its copy's event): read_rows
         self.node_row: dict[int, int] = {}  # tree node -> its first row (index into all_rows)
+        self.fused: DraftLevelsGraph | None = None  # the graph grow() replayed, if it did
 
     def __call__(self, nodes: list[int]) -> torch.Tensor:
         tree, runner, root_pos = self.tree, self.runner, len(self.seq) - 1
@@ -188,6 +189,7 @@ class _DraftSession:
                 rows, *state = level(probs, *state, gen=gen, **static)
                 probs = self.children(rows, forward=depth < len(levels))
             return
+        self.fused = fused
         start = self.runner.length - self.base
         rows, level_probs = fused.replay(self.runner, probs, state, gen, self.runner.length, self.pending - 1,
                                          len(self.seq))
@@ -260,13 +262,14 @@ class _DraftSession:
         rows = self.all_rows()
         if rows.device.type != "cuda":
             return
-        host = _PINNED.get(tuple(rows.shape))
-        if host is None:
-            host = _PINNED[tuple(rows.shape)] = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        pinned = _PINNED.get(tuple(rows.shape))
+        if pinned is None:
+            pinned = _PINNED[tuple(rows.shape)] = (torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True),
+                                                   torch.cuda.Event())
+        host, done = pinned
         host.copy_(rows, non_blocking=True)  # the last block's finish() has read it
-        done = torch.cuda.Event()
         done.record(_stream(rows.device))
-        self._host_rows = (host, done)
+        self._host_rows = pinned
 
     def call_rows(self) -> list[int]:
         """Each tree node's row in the target call over the root and all_rows (after finish)."""
@@ -308,8 +311,18 @@ class _DraftSession:
         drafted = [self.slot[a] for a in path if a in self.slot]
         self.runner.keep(self.base, list(range(self.pending)) + drafted)
 
+    def prefill_next(self, gen, depth: int):
+        """A before_read for the verification: refill the pools of this block's levels graph for
+        the next block (DraftLevelsGraph.prefill), or None where the next block might not replay
+        it. It would not if the cache could lack room then: the next block's levels start at most
+        depth + 1 entries past this block's root (the accepted path and the tokens after it)."""
+        fused = self.fused
+        if fused is None or self.base + self.pending + depth + 1 + fused.reach > self.runner.capacity:
+            return None
+        return functools.partial(fused.prefill, gen)
 
-_PINNED: dict[tuple, torch.Tensor] = {}  # host buffers of read_rows, per shape
+
+_PINNED: dict[tuple, tuple] = {}  # (host buffer, its copy's event) of read_rows, per shape
 _STAGING: dict = {}  # device -> (pinned long buffer, event of its last copy): _indices
 
 
@@ -411,6 +424,12 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
     watch.switch(None)
     seq = list(prompt)
     new: list[int] = []
+    # Right after the verification read the GPU idles until the host has queued the next draft
+    # call, and every CUDA call there costs the host 10-30 us on the GPU machines. So the target's
+    # compaction waits until the next draft is queued (keep_target), and the last block's tree
+    # and session are freed only once the next target call is (held).
+    keep_target: tuple | None = None
+    held = None
 
     while len(new) < max_new_tokens:
         tree = DraftTree(seq[-1])
@@ -422,6 +441,9 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             result.draft_calls += session.calls
 
         watch.switch("verify")
+        if keep_target is not None:
+            target.keep(*keep_target)
+            keep_target = None
         root_pos = len(seq) - 1
         at = None  # each node's row in the target call, where that call is over the draft's rows
         if (session is not None and session.levels and getattr(target, "target_from_rows", True)  # False: A/B
@@ -436,6 +458,7 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             rows = session.all_rows()
             rows = torch.where(rows[2:] != 0, rows[:2], 0)
             logits = target.forward_rows(seq[-1], rows, offsets, positions)
+            held = None
             session.finish()
             at = session.call_rows()
             logits = logits[: len(at)] if at == list(range(len(at))) else logits.index_select(0, _indices(at, device))
@@ -445,6 +468,7 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             # the target's cache holds seq[:-1]: every node sees it, then its ancestors and itself
             mask = TreeMask(root_pos, [[root_pos + a for a in tree.ancestors(i)] for i in range(len(tree))])
             logits = target.forward(tree.tokens, [root_pos + d for d in tree.depth], mask)
+            held = None
         result.target_calls += 1
         result.nodes_per_call.append(len(tree))
         if trace is not None:
@@ -452,7 +476,8 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
 
         watch.switch("overhead")
         choice, token = decide(method.verify_children, tree, logits[:, :vocab_size], settings, gen,
-                               temperature, top_p)
+                               temperature, top_p,
+                               before_read=session.prefill_next(gen, depth) if session is not None else None)
         w = walk(tree, choice, token)
         path, last = w.path, w.last
         for d in w.depths_tried:
@@ -460,9 +485,10 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
         for d in range(len(path)):
             result.depth_accepts[d] += 1
 
-        target.keep(root_pos, [0] + path if at is None else [at[a] for a in [0] + path])
+        keep_target = (root_pos, [0] + path if at is None else [at[a] for a in [0] + path])
         if session is not None:
             session.keep(path)
+        held = (tree, session, logits)
         emitted = [tree.tokens[a] for a in path] + [int(last)]
         emitted = emitted[: max_new_tokens - len(new)]
         hit = next((i for i, t in enumerate(emitted) if t in eos), None)
@@ -476,6 +502,8 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
             break
     else:
         result.stop_reason = "max_new_tokens"
+    if keep_target is not None:  # the caches hold the sequence when generate returns
+        target.keep(*keep_target)
     watch.switch(None)
 
     result.tokens = new

@@ -194,6 +194,9 @@ class ModelRunner:
         self.cache.keep(start, rel_indices)
 
 
+_TIMING_EVENTS: dict[int, list] = {}  # device index -> timing events Stopwatch has read, free for reuse
+
+
 class Stopwatch:
     """Wall time per phase (draft / verify / overhead), less the time spent building CUDA graphs
     meanwhile (device_graph.SetupClock).
@@ -215,6 +218,7 @@ class Stopwatch:
         # the stream phases run on, looked up once: current_stream() costs the host several us
         # per call, and a block has three switches (a generate call does not change streams)
         self._stream = torch.cuda.current_stream(device) if self.events else None
+        self._free = _TIMING_EVENTS.setdefault(self._stream.device_index, []) if self.events else []
         self._marks: list[tuple] = []  # (phase started, event or perf_counter time, SetupClock.seconds)
         self._totals: dict[str, float] = {}
 
@@ -222,7 +226,9 @@ class Stopwatch:
         if not self.enabled:
             return
         if self.events:
-            mark = torch.cuda.Event(enable_timing=True)
+            # events are reused once read (`totals`): creating one costs the host a CUDA call, and
+            # the switch to "draft" comes right after the verification read, while the GPU idles
+            mark = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
             mark.record(self._stream)
         else:
             synchronize(self.device)
@@ -240,5 +246,7 @@ class Stopwatch:
                 continue
             elapsed = start.elapsed_time(end) / 1e3 if self.events else end - start
             self._totals[phase] = self._totals.get(phase, 0.0) + elapsed - (setup1 - setup0)
+        if self.events:
+            self._free.extend(mark for _, mark, _ in marks[:-1])
         self._marks = marks[-1:]
         return self._totals

@@ -16,7 +16,8 @@ from .device_graph import UniformPool, graphed
 
 def to_probs(logits: torch.Tensor, temperature: float, top_p: float | None = None) -> torch.Tensor:
     """Rows of logits -> rows of probabilities (float32). temperature 0 means argmax (one-hot)."""
-    logits = logits.float()
+    if logits.dtype != torch.float32:  # a call less for the fast runners' float logits
+        logits = logits.float()
     if temperature <= 0:
         probs = torch.zeros_like(logits)
         probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)

@@ -90,6 +90,84 @@ def test_grow_keeps_the_cache_as_levels_do(monkeypatch, models):
         assert (a - b).abs().max() <= 1e-5
 
 
+def test_pools_refilled_before_the_read_draw_what_levels_do(monkeypatch, models):
+    """The engine refills the next block's level pools before it reads the verification
+    (DraftLevelsGraph.prefill): every replay after the first uses numbers drawn that way, and the
+    tokens stay the level-by-level path's."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    target, draft = models
+    replays = []
+    real_replay = draft_graph.DraftLevelsGraph.replay
+
+    def replay(self, runner, probs, state, gen, *a):
+        replays.append(self._filled_by is gen)
+        return real_replay(self, runner, probs, state, gen, *a)
+
+    monkeypatch.setattr(draft_graph.DraftLevelsGraph, "replay", replay)
+    got = {}
+    for name, cls in {"levels": LevelByLevel, "graph": GraphedRunner}.items():
+        t, d = cls(target, capacity=512, use_graphs=False), cls(draft, capacity=512, use_graphs=False)
+        got[name] = generate(t, d, [1, 40, 50, 60], "rsd_c", 3, vocab_size=259, max_new_tokens=30, seed=3,
+                             timing=False, branching=[2, 2, 1])
+    assert got["graph"].tokens == got["levels"].tokens
+    assert got["graph"].tokens_per_block == got["levels"].tokens_per_block
+    assert len(replays) == got["graph"].target_calls > 3
+    assert not replays[0] and all(replays[1:]), replays  # the first block refills at its replay
+
+
+def test_no_refill_before_the_read_for_a_block_that_may_lack_room():
+    """The next block's levels start at most depth + 1 entries past this block's root; where the
+    graph's reach from there could pass the capacity, the next block might run level by level,
+    so nothing is drawn for it ahead."""
+    from rsd_bench.engine import _DraftSession
+
+    class Graph:
+        reach = 10
+
+        def prefill(self, gen):
+            raise AssertionError("not called here")
+
+    session = _DraftSession.__new__(_DraftSession)
+    session.runner = type("R", (), {"capacity": 100})()
+    session.base, session.pending, session.fused = 80, 1, Graph()
+    assert session.prefill_next(None, 4) is not None  # 81 + 4 + 1 + 10 = 96
+    session.base = 86
+    assert session.prefill_next(None, 4) is None  # 102
+    session.fused = None
+    session.base = 0
+    assert session.prefill_next(None, 4) is None  # no graph this block
+
+
+def test_copy_guard_waits_only_within_one_read():
+    """CopyGuard.wait synchronizes on the copy's event unless the host has caught up with the
+    device since it was recorded."""
+    class Event:
+        def __init__(self):
+            self.waits = 0
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            self.waits += 1
+
+    dev = torch.device("cuda", 7)  # no such device is touched: the event is a stand-in
+    guard = device_graph.CopyGuard(torch.device("cpu"))
+    guard.device, guard.event = dev, Event()
+    guard.wait()  # nothing recorded
+    guard.record()
+    guard.wait()  # the copy may still run
+    assert guard.event.waits == 1
+    guard.record()
+    device_graph.caught_up(dev)
+    guard.wait()  # a read since: done
+    assert guard.event.waits == 1
+    guard.record()
+    device_graph.caught_up(torch.device("cuda", 6))  # another device's read says nothing
+    guard.wait()
+    assert guard.event.waits == 2
+
+
 class Proxy:
     """A runner seen through a proxy, as the benchmark's ForwardEvents sees it: new for each run."""
 

@@ -9,7 +9,7 @@ the engine builds the tree after the last level.
 
 import torch
 
-from ..device_graph import graphed
+from ..device_graph import constant, graphed
 from ..sampling import sample_rows
 
 
@@ -26,5 +26,5 @@ def chain_level(probs: torch.Tensor, rep: torch.Tensor, gen):
 
 def draft_chains(draft, chains: int, length: int, gen) -> None:
     probs = draft([0])
-    rep = torch.zeros(chains, dtype=torch.long, device=probs.device)  # every chain starts at the root
+    rep = constant(0, chains, torch.long, probs.device)  # every chain starts at the root
     draft.grow(chain_level, probs, (rep,), gen, [{}] * length)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..device_graph import graphed
+from ..device_graph import constant, graphed
 from ..sampling import gumbel, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
@@ -39,7 +39,7 @@ def branch_level(probs: torch.Tensor, alive: torch.Tensor, gen, b: int):
 
 def draft_constant_branching(tree, draft, settings, gen) -> None:
     probs = draft([0])
-    alive = torch.ones(1, dtype=torch.long, device=probs.device)
+    alive = constant(1, 1, torch.long, probs.device)
     # static shapes: prod(b[:depth]) rows at each depth
     draft.grow(branch_level, probs, (alive,), gen, [{"b": b} for b in settings["branching"]])
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..device_graph import graphed
+from ..device_graph import constant, graphed
 from ..sampling import gumbel, row_max, top_k
 from .recursive_rejection import recursive_rejection
 from .registry import Method, register
@@ -44,7 +44,7 @@ def beam_level(probs: torch.Tensor, phi: torch.Tensor, score: torch.Tensor, gen,
 
 def draft_stochastic_beam(tree, draft, settings, gen) -> None:
     probs = draft([0])
-    phi = score = torch.zeros(1, dtype=torch.float64, device=probs.device)
+    phi = score = constant(0.0, 1, torch.float64, probs.device)
     # static shapes: W rows at each depth (dead ones -inf); the rows are in global descending
     # order, so each parent's children are proposed in their draw order
     draft.grow(beam_level, probs, (phi, score), gen, [{"width": settings["W"]}] * settings["L"])
