@@ -81,6 +81,7 @@ class CopyGuard:
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
+_CONSTANT_IDS: set[int] = set()  # constants live for the process, so their ids stay theirs
 
 
 def constant(value, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -90,8 +91,15 @@ def constant(value, size: int, dtype: torch.dtype, device: torch.device) -> torc
     key = (value, size, dtype, torch.device(device))
     t = _CONSTANTS.get(key)
     if t is None:
-        t = _CONSTANTS[key] = torch.full((size,), value, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            t = _CONSTANTS[key] = torch.full((size,), value, dtype=dtype, device=device)
+        _CONSTANT_IDS.add(id(t))
     return t
+
+
+def is_constant(t: torch.Tensor) -> bool:
+    """Whether t came from `constant`."""
+    return id(t) in _CONSTANT_IDS
 
 
 def pooled(device: torch.device) -> bool:

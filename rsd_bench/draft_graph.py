@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .device_graph import CopyGuard, SetupClock, UniformPool, capturing, fuse, no_host_sync, warming_up
+from .device_graph import CopyGuard, SetupClock, UniformPool, capturing, fuse, is_constant, no_host_sync, warming_up
 from .sampling import to_probs
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class DraftLevelsGraph:
         self.vocab, self.temperature, self.top_p = vocab, temperature, top_p
         self.probs_in = probs.clone()
         self.state_in = [s.clone() for s in state]
-        self._state_seen: list[tuple | None] = [None] * len(state)  # (tensor, version) last copied in
+        self._state_seen: list | None = [None] * len(state)  # the tensors last copied in (None: always copy)
         self.pools = [UniformPool(self.device) for _ in levels]
         self.calls = [_level_call(fn, static) for static in levels]
         self.widths: list[int] | None = None  # rows per level, known after the first (sizing) run
@@ -166,13 +166,14 @@ class DraftLevelsGraph:
     def _inputs(self, probs, state, length: int, offset: int, position: int) -> None:
         self.probs_in.copy_(probs)
         for i, (dst, src) in enumerate(zip(self.state_in, state)):
-            # a method's initial state is often the same tensor every block (device_graph.constant):
-            # copied again only if it is another tensor or was written since (its version counter)
-            last = self._state_seen[i] if self._state_seen is not None else None
-            if last is None or last[0] is not src or last[1] != src._version:
-                dst.copy_(src)
-                if self._state_seen is not None:
-                    self._state_seen[i] = (src, src._version)
+            # a method's initial state is often the same constant every block (device_graph.constant,
+            # never written): copied in once. Any other tensor may have changed (a graph replay
+            # rewrites its outputs without a trace on the host), so it is copied every time.
+            if self._state_seen is not None and self._state_seen[i] is src and is_constant(src):
+                continue
+            dst.copy_(src)
+            if self._state_seen is not None:
+                self._state_seen[i] = src
         self._copied.wait()  # the last replay's copy has left the pinned buffer
         self._pinned_np[:] = (length, offset, position)
         self.ints.copy_(self._pinned, non_blocking=True)

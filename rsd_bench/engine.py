@@ -311,13 +311,14 @@ class _DraftSession:
         drafted = [self.slot[a] for a in path if a in self.slot]
         self.runner.keep(self.base, list(range(self.pending)) + drafted)
 
-    def prefill_next(self, gen, depth: int):
+    def prefill_next(self, gen):
         """A before_read for the verification: refill the pools of this block's levels graph for
         the next block (DraftLevelsGraph.prefill), or None where the next block might not replay
         it. It would not if the cache could lack room then: the next block's levels start at most
-        depth + 1 entries past this block's root (the accepted path and the tokens after it)."""
+        one entry per level plus one past this block's root (the accepted path and the token after).
+        Only for methods whose every block replays the same graph (Method.fixed_levels)."""
         fused = self.fused
-        if fused is None or self.base + self.pending + depth + 1 + fused.reach > self.runner.capacity:
+        if fused is None or self.base + self.pending + len(fused.widths) + 1 + fused.reach > self.runner.capacity:
             return None
         return functools.partial(fused.prefill, gen)
 
@@ -477,7 +478,8 @@ def generate(target: ModelRunner, draft: ModelRunner | None, prompt_ids: list[in
         watch.switch("overhead")
         choice, token = decide(method.verify_children, tree, logits[:, :vocab_size], settings, gen,
                                temperature, top_p,
-                               before_read=session.prefill_next(gen, depth) if session is not None else None)
+                               before_read=session.prefill_next(gen) if session is not None and method.fixed_levels
+                               else None)
         w = walk(tree, choice, token)
         path, last = w.path, w.last
         for d in w.depths_tried:

@@ -141,7 +141,13 @@ class GraphedRunner:
         pin = self.device.type == "cuda"
         self._pin_ints = torch.zeros(3 * max(buckets) + 3, dtype=torch.long, pin_memory=pin)
         self._ints_np = self._pin_ints.numpy()
-        self._keep_src = torch.zeros(self._pin_ints.numel(), dtype=torch.long, device=self.device)  # keep()
+        # keep()'s indices: a buffer and guard of their own, so that a call's wait for its inputs'
+        # buffer never waits for a compaction queued behind other work (the engine queues the
+        # target's behind the next draft)
+        self._pin_keep = torch.zeros(self._pin_ints.numel(), dtype=torch.long, pin_memory=pin)
+        self._keep_np = self._pin_keep.numpy()
+        self._keep_src = torch.zeros(self._pin_keep.numel(), dtype=torch.long, device=self.device)
+        self._kept = CopyGuard(self.device)
         # a bucket call's inputs travel in one copy: [ints (int64, 2 * bucket + 3) | bits (uint8)]
         # as bytes, laid out as the bucket graph's own buffer (`_call_layout`)
         self._pin_call = torch.zeros(8 * (2 * max(buckets) + 3) + max(buckets) * capacity, dtype=torch.uint8,
@@ -598,12 +604,12 @@ class GraphedRunner:
         if n and list(rel_indices) != list(range(n)):
             # the indices travel through the pinned buffer, asynchronously: a blocking copy from
             # pageable memory would wait for all queued GPU work (the engine may keep while a draft runs)
-            if n <= len(self._ints_np):
-                self._copied.wait()
-                self._ints_np[:n] = [start + i for i in rel_indices]
+            if n <= len(self._keep_np):
+                self._kept.wait()
+                self._keep_np[:n] = [start + i for i in rel_indices]
                 src = self._keep_src[:n]
-                src.copy_(self._pin_ints[:n], non_blocking=True)
-                self._copied.record()
+                src.copy_(self._pin_keep[:n], non_blocking=True)
+                self._kept.record()
             else:
                 src = torch.as_tensor(rel_indices, dtype=torch.long).add_(start).to(self.device)
             kv = self.cache.kv

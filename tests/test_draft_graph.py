@@ -115,6 +115,63 @@ def test_pools_refilled_before_the_read_draw_what_levels_do(monkeypatch, models)
     assert not replays[0] and all(replays[1:]), replays  # the first block refills at its replay
 
 
+def _custom_methods():
+    from rsd_bench.methods import get_method
+    from rsd_bench.methods.registry import Method
+    from rsd_bench.methods.rsd_c import branch_level
+    from rsd_bench.sampling import uniform
+
+    alive = torch.ones(1, dtype=torch.long)  # a state buffer the method rewrites in place, unseen by _version
+
+    def draw_first(tree, draft, settings, gen):
+        probs = draft([0])
+        uniform(gen, (1,), probs.device)  # a draw of its own before grow
+        draft.grow(branch_level, probs, (device_graph.constant(1, 1, torch.long, probs.device),), gen,
+                   [{"b": b} for b in settings["branching"]])
+
+    def gated(tree, draft, settings, gen):
+        probs = draft([0])
+        alive.numpy()[:] = len(draft.seq) % 2  # no children on some blocks
+        draft.grow(branch_level, probs, (alive,), gen, [{"b": b} for b in settings["branching"]])
+
+    rsd_c = get_method("rsd_c")
+    return [Method(name=name, label=name, draft_tree=fn, verify_children=rsd_c.verify_children, params=rsd_c.params,
+                   resolve=rsd_c.resolve, max_nodes=rsd_c.max_nodes) for name, fn in (("draw_first", draw_first),
+                                                                                     ("gated", gated))]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["draws_before_grow", "rewrites_its_state"])
+def test_custom_methods_draft_in_one_graph_what_levels_do(monkeypatch, models, which):
+    """A method that draws from the generator itself is not refilled ahead (Method.fixed_levels
+    is off by default), and a state tensor other than a device_graph.constant is copied into the
+    graph at every block, even when it is the same tensor rewritten without a version bump."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    method = _custom_methods()[which]
+    target, draft = models
+    got = {}
+    for name, cls in {"levels": LevelByLevel, "graph": GraphedRunner}.items():
+        got[name] = generate(cls(target, capacity=512, use_graphs=False), cls(draft, capacity=512, use_graphs=False),
+                             [1, 40, 50, 60], method, 3, vocab_size=259, max_new_tokens=30, seed=1, timing=False,
+                             branching=[2, 2, 1])
+    assert got["graph"].tokens == got["levels"].tokens
+    assert got["graph"].nodes_per_call == got["levels"].nodes_per_call
+    if which:
+        assert 1 in got["graph"].nodes_per_call and max(got["graph"].nodes_per_call) > 1
+
+
+def test_constant_states_work_under_inference_mode(monkeypatch, models):
+    """A constant first made under torch.inference_mode is a normal tensor: the graph path stays."""
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    monkeypatch.setattr(device_graph, "_CONSTANTS", {})
+    target, draft = models
+    with torch.inference_mode():
+        d = GraphedRunner(draft, capacity=512, use_graphs=False)
+        generate(GraphedRunner(target, capacity=512, use_graphs=False), d, [1, 40, 50, 60], "rsd_s", 3,
+                 vocab_size=259, max_new_tokens=12, seed=0, timing=False, W=2)
+    assert [g is not False for g in d.draft_graphs.values()] == [True]
+    assert not any(t.is_inference() for t in device_graph._CONSTANTS.values())
+
+
 def test_no_refill_before_the_read_for_a_block_that_may_lack_room():
     """The next block's levels start at most depth + 1 entries past this block's root; where the
     graph's reach from there could pass the capacity, the next block might run level by level,
@@ -123,6 +180,7 @@ def test_no_refill_before_the_read_for_a_block_that_may_lack_room():
 
     class Graph:
         reach = 10
+        widths = [2, 2, 2, 1]  # four levels: a path of at most 4 tokens, then one more
 
         def prefill(self, gen):
             raise AssertionError("not called here")
@@ -130,12 +188,12 @@ def test_no_refill_before_the_read_for_a_block_that_may_lack_room():
     session = _DraftSession.__new__(_DraftSession)
     session.runner = type("R", (), {"capacity": 100})()
     session.base, session.pending, session.fused = 80, 1, Graph()
-    assert session.prefill_next(None, 4) is not None  # 81 + 4 + 1 + 10 = 96
+    assert session.prefill_next(None) is not None  # 81 + 4 + 1 + 10 = 96
     session.base = 86
-    assert session.prefill_next(None, 4) is None  # 102
+    assert session.prefill_next(None) is None  # 102
     session.fused = None
     session.base = 0
-    assert session.prefill_next(None, 4) is None  # no graph this block
+    assert session.prefill_next(None) is None  # no graph this block
 
 
 def test_copy_guard_waits_only_within_one_read():

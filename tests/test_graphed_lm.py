@@ -440,3 +440,43 @@ def test_every_call_path_records_the_span_events_once(models):
         rows, offsets, ancestors = _random_rows(widths, gen)
         positions = [runner.length + len(a) - 1 for a in ancestors]
         marked(runner.forward_rows, 9, rows, offsets, positions)
+
+
+@pytest.mark.parametrize("method,params", [("rsd_c", {"branching": [2, 2, 1]}), ("spectr", {"K": 2})])
+def test_pinned_buffer_waits_happen_only_within_one_read(monkeypatch, models, method, params):
+    """A call's wait for its pinned inputs buffer (CopyGuard) synchronizes only on a copy queued
+    since the host last read from the device. The engine reads once per block (the verification)
+    and queues one bucket or rows call per runner after it, so no call ever waits; in particular
+    not on the target's compaction, which is queued behind the next draft (keep has a guard of
+    its own). Before that, the target's call waited for the whole draft every block."""
+    from rsd_bench import device_graph
+    from rsd_bench.engine import generate
+
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    waits = []
+
+    class Event:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            waits.append(self.name)
+
+    runners = {}
+    for name, model in zip(("target", "draft"), models):
+        runner = runners[name] = GraphedRunner(model, vocab_size=259, capacity=512, use_graphs=False)
+        for attr in ("_copied", "_kept"):
+            guard = getattr(runner, attr)
+            guard.event = Event(f"{name}.{attr}")
+    result = generate(runners["target"], runners["draft"], [1, 40, 50, 60], method, 3, vocab_size=259,
+                      max_new_tokens=24, seed=0, timing=False, **params)
+    assert result.target_calls > 3 and max(result.tokens_per_block) > 1  # blocks that kept a path
+    assert waits == []
+    # and a guard does wait within one read
+    guard = runners["target"]._copied
+    guard.record()
+    guard.wait()
+    assert waits == ["target._copied"]

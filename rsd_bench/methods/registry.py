@@ -67,6 +67,10 @@ class Method:
     uses_draft: bool = True
     # settings -> most tree nodes (root included) of one block; sizes the fast mode's graphs
     max_nodes: Callable[[dict], int] | None = None
+    # draft_tree is draft([0]) then draft.grow(...) with the same level function and levels in
+    # every block, and draws randomness only inside them: the engine may then refill the next
+    # block's level pools before it reads the verification (the same numbers, drawn earlier)
+    fixed_levels: bool = False
 
     def settings(self, L: int, **params) -> dict:
         """Validated settings: {"L": depth, **parameters} with defaults filled in."""

@@ -66,4 +66,5 @@ RSD_C = register(Method(name="rsd_c", label="RSD-C", draft_tree=draft_constant_b
                         resolve=_resolve,
                         describe=lambda s: "b=" + "-".join(map(str, s["branching"])),
                         max_nodes=lambda s: 1 + sum(math.prod(s["branching"][: i + 1])
-                                                    for i in range(len(s["branching"])))))
+                                                    for i in range(len(s["branching"]))),
+                        fixed_levels=True))

@@ -60,4 +60,5 @@ def _resolve(s: dict) -> dict:
 RSD_S = register(Method(name="rsd_s", label="RSD-S", draft_tree=draft_stochastic_beam,
                         verify_children=recursive_rejection, params={"W": 2}, resolve=_resolve,
                         describe=lambda s: f"W={s['W']}",
-                     max_nodes=lambda s: s["W"] * s["L"] + 1))
+                     max_nodes=lambda s: s["W"] * s["L"] + 1,
+                     fixed_levels=True))

@@ -11,4 +11,5 @@ def draft_chain(tree, draft, settings, gen) -> None:
 
 SD = register(Method(name="sd", label="SD", draft_tree=draft_chain,
                      verify_children=recursive_rejection,
-                     max_nodes=lambda s: s["L"] + 1))
+                     max_nodes=lambda s: s["L"] + 1,
+                     fixed_levels=True))

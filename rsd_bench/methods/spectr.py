@@ -24,4 +24,5 @@ def _resolve(s: dict) -> dict:
 SPECTR = register(Method(name="spectr", label="SpecTr", draft_tree=draft_k_chains,
                          verify_children=kseq_verify, params={"K": 2}, resolve=_resolve,
                          describe=lambda s: f"K={s['K']}",
-                     max_nodes=lambda s: s["K"] * s["L"] + 1))
+                     max_nodes=lambda s: s["K"] * s["L"] + 1,
+                     fixed_levels=True))
