@@ -6,7 +6,8 @@ A tree grown on the device is verified by a target call over its rows (`forward_
 before the host reads them; a tree built on the host, by a call over its nodes.
 
 Invariants at the start of every block (seq = prompt + generated so far, n = len(seq)):
-- the target's cache holds seq[:-1]; seq[-1] (the root) is fed with the tree;
+- the target's cache holds seq[:-1] once the last block's compaction has run (it is queued at
+  the start of the verify phase, behind the draft); seq[-1] (the root) is fed with the tree;
 - the draft's cache holds seq[:m] for some m <= n - 1; seq[m:] is fed with the first draft call.
 After the walk both caches are compacted in place to the context plus the accepted path, so
 rejected nodes leave no trace and nothing is recomputed.
