@@ -156,3 +156,33 @@ def test_profile_host_quick_run_splits_the_reads(tmp_path, monkeypatch):
     assert any("finish" in k for k in row["read_wait_ms_per_block"])  # the tree read
     assert any("verify" in k for k in row["read_wait_ms_per_block"])  # the verification read
     assert row["other_host_ms_per_block"] > 0 and row["top_own_time"]
+
+
+def test_profile_host_timeline_finds_the_turnaround_steps(monkeypatch):
+    """profile_host.HostTimeline on the CPU (the pooled verification path, as on a GPU): each
+    block's steps from the verification read to the target call are found, in order, and the
+    functions it wrapped are put back."""
+    from rsd_bench import device_graph, engine
+    from rsd_bench.graphed_lm import GraphedRunner
+    from rsd_bench.tiny_models import tiny_llama
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("profile_host", REPO / "scripts" / "profile_host.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(device_graph, "FORCE_POOLED", True)
+    walk = engine.walk
+    target, draft = (GraphedRunner(tiny_llama(seed=s), capacity=256, use_graphs=False) for s in (0, 1))
+    with mod.HostTimeline() as line:
+        engine.generate(target, draft, [1, 40, 50, 60], "rsd_c", 3, vocab_size=259, max_new_tokens=12, seed=0,
+                        timing=False, branching=[2, 1, 1])
+    assert engine.walk is walk
+    steps, count = line.summary()[:-1], line.summary()[-1]
+    assert count["blocks"] >= 2
+    names = [s["step"] for s in steps]
+    for first, then in [("rsd_bench.engine.walk>", "_DraftSession.keep>"), ("_DraftSession.keep>", "GraphedRunner.forward>"),
+                        ("GraphedRunner.forward>", "DraftLevelsGraph.replay>"),
+                        ("DraftLevelsGraph.replay>", "<GraphedRunner.forward_rows")]:
+        assert names.index(first) < names.index(then)
+    offsets = [s["us_after_read"] for s in steps]
+    assert offsets == sorted(offsets) and offsets[0] > 0
