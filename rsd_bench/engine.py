@@ -325,7 +325,7 @@ class _DraftSession:
 
 
 _PINNED: dict[tuple, tuple] = {}  # (host buffer, its copy's event) of read_rows, per shape
-_STAGING: dict = {}  # device -> (pinned long buffer, event of its last copy): _indices
+_STAGING: dict = {}  # device -> (pinned long buffer, CopyGuard of its last copy): _indices
 
 
 def _indices(values: list[int], device: torch.device) -> torch.Tensor:
@@ -333,15 +333,16 @@ def _indices(values: list[int], device: torch.device) -> torch.Tensor:
     memory synchronizes the stream, here with the target call still running."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=torch.long, device=device)
-    buf, done = _STAGING.get(device, (None, None))
+    buf, copied = _STAGING.get(device, (None, None))
     if buf is None or buf.numel() < len(values):
-        buf, done = torch.empty(max(256, len(values)), dtype=torch.long, pin_memory=True), torch.cuda.Event()
+        buf = torch.empty(max(256, len(values)), dtype=torch.long, pin_memory=True)
+        copied = device_graph.CopyGuard(device)
     else:
-        done.synchronize()  # its last copy has left
+        copied.wait()  # its last copy has left
     buf.numpy()[: len(values)] = values
     out = buf[: len(values)].to(device, non_blocking=True)
-    done.record(_stream(device))
-    _STAGING[device] = (buf, done)
+    copied.record(_stream(device))
+    _STAGING[device] = (buf, copied)
     return out
 
 

@@ -316,8 +316,7 @@ class GraphedRunner:
 
     def packed_call(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ints, bits) of the last _pack for `bucket`, as views of the pinned buffer (tests)."""
-        head = 8 * (2 * bucket + 3)
-        return self._pin_call[:head].view(torch.long), self._pin_call[head:]
+        return self._call_layout(bucket, self._pin_call)
 
     def _call_layout(self, bucket: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ints, bits) views of a bucket call's byte buffer [ints (int64) | bits (uint8)]."""
@@ -435,9 +434,7 @@ class GraphedRunner:
         else:
             ints = self._pin_ints[:size].to(self.device, copy=True)
             ints[: 2 * bucket].view(2, bucket)[:, :n] = rows
-            out = self._children_step(bucket, ints)[0, :n]
-            if self.vocab_size is not None:
-                out = out[:, : self.vocab_size]
+            out = self._out_rows(self._children_step(bucket, ints)[0], n)
         self._mark(1)
         self.length += n
         self.calls += 1
@@ -484,8 +481,7 @@ class GraphedRunner:
         self._mark(1)
         self.length += n
         self.calls += 1
-        out = out[:n]
-        return out if self.vocab_size is None else out[:, : self.vocab_size]
+        return self._out_rows(out, n)
 
     def _mark(self, i: int) -> None:
         """Record span_events[i] (0: the call's GPU work starts, 1: it is queued), if set."""
